@@ -1,0 +1,58 @@
+"""The JSON API blueprint: every request is authenticated by bearer token first."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from flask import Blueprint, g, request
+from pydantic import BaseModel, ValidationError
+
+from ..auth import caller_from_bearer
+from ..errors import ApiError
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+@bp.before_request
+def authenticate() -> None:
+    """Resolve the bearer token to g.caller before any view runs (401 otherwise)."""
+    g.caller = caller_from_bearer(request.headers.get("Authorization"))
+
+
+def parse_body(model: type[Model]) -> Model:
+    """Validate the JSON body against a schema: 400 if not JSON, 422 naming the failing field."""
+    if not request.is_json:
+        raise ApiError(400, "bad_request", "send a JSON body with Content-Type: application/json")
+    payload = request.get_json(silent=True)
+    if payload is None:
+        raise ApiError(400, "bad_request", "the body is not valid JSON")
+    try:
+        return model.model_validate(payload)
+    except ValidationError as error:
+        first = error.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(
+            422,
+            "validation_error",
+            f"{field}: {first['msg']}",
+            field=field,
+            details=[
+                {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+                for e in error.errors(include_url=False, include_input=False)
+            ],
+        ) from None
+
+
+def query_flag(name: str) -> bool:
+    """A boolean query parameter: absent/false/0 → False, true/1 → True, else 400."""
+    raw = request.args.get(name, "false").lower()
+    if raw in ("true", "1"):
+        return True
+    if raw in ("false", "0", ""):
+        return False
+    raise ApiError(400, "bad_request", f"{name} must be true or false", field=name)
+
+
+from . import approvals, members, secrets, tokens, workspaces  # noqa: E402, F401  (routes)

@@ -1,0 +1,98 @@
+"""Approval requests: list, read, decide (humans only), withdraw (the requester only)."""
+
+from __future__ import annotations
+
+from flask import g, request
+from sqlalchemy import select
+
+from .. import approvals
+from ..errors import ApiError
+from ..extensions import db
+from ..models import ApprovalRequest, ApprovalStatus, utcnow
+from . import bp, parse_body
+from .schemas import Decision
+
+STATUSES = {s.value for s in ApprovalStatus}
+
+
+def _int_arg(name: str, default: int, low: int, high: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(
+            400, "bad_request", f"{name} must be an integer from {low} to {high}", field=name
+        )
+    return int(raw)
+
+
+@bp.get("/approvals")
+def list_approvals():
+    """Approval requests the caller may see, newest first; ?status=, ?workspace_id=, ?limit=."""
+    now = utcnow()
+    query = select(ApprovalRequest).where(approvals.visible_to(g.caller))
+    status = request.args.get("status")
+    if status:
+        if status not in STATUSES:
+            raise ApiError(
+                400, "bad_request", f"status must be one of {sorted(STATUSES)}", field="status"
+            )
+        query = query.where(approvals.status_filter(status, now))
+    if "workspace_id" in request.args:
+        query = query.where(
+            ApprovalRequest.workspace_id == _int_arg("workspace_id", 0, 1, 2**31 - 1)
+        )
+    limit = _int_arg("limit", 100, 1, 500)
+    rows = db.session.execute(query.order_by(ApprovalRequest.id.desc()).limit(limit)).scalars()
+    return {"approvals": [approvals.to_json(r, now) for r in rows]}
+
+
+def _visible_approval(approval_id: int) -> ApprovalRequest:
+    found = db.session.execute(
+        select(ApprovalRequest).where(
+            ApprovalRequest.id == approval_id, approvals.visible_to(g.caller)
+        )
+    ).scalar_one_or_none()
+    if found is None:
+        raise ApiError(404, "not_found", f"approval {approval_id} not found")
+    return found
+
+
+@bp.get("/approvals/<id:approval_id>")
+def get_approval(approval_id: int):
+    """One request with its decision and event timeline."""
+    found = _visible_approval(approval_id)
+    return {
+        **approvals.to_json(found),
+        "events": [
+            {
+                "id": e.id,
+                "kind": e.kind,
+                "actor": e.actor,
+                "detail": e.detail,
+                "created_at": e.created_at.isoformat(),
+            }
+            for e in approvals.events_of(approval_id)
+        ],
+    }
+
+
+@bp.post("/approvals/<id:approval_id>/decision")
+def decide_approval(approval_id: int):
+    """Approve or deny: humans with owner/approver rights on the workspace or an ancestor."""
+    if not g.caller.is_human:
+        raise ApiError(403, "forbidden", "only a human may decide an approval")
+    body = parse_body(Decision)
+    if body.decision == "deny" and not body.reason:
+        raise ApiError(422, "validation_error", "reason: a denial needs a reason", field="reason")
+    decided = approvals.decide(approval_id, g.caller, body.decision, body.reason)
+    db.session.commit()
+    return approvals.to_json(decided)
+
+
+@bp.post("/approvals/<id:approval_id>/withdraw")
+def withdraw_approval(approval_id: int):
+    """The requesting caller takes back its own pending request."""
+    withdrawn = approvals.withdraw(approval_id, g.caller)
+    db.session.commit()
+    return approvals.to_json(withdrawn)

@@ -1,0 +1,89 @@
+"""One JSON error shape for the API; HTML error pages elsewhere."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from flask import Flask, Response, jsonify, render_template, request
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from werkzeug.exceptions import HTTPException
+
+from .extensions import db
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    """Raised anywhere under /api; rendered as {"error": code, "message": ..., **extra}."""
+
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify({"error": code, "message": message, **extra}), status
+
+
+def _wants_json() -> bool:
+    return request.path.startswith("/api") or request.accept_mimetypes.best == "application/json"
+
+
+def _safe_rollback() -> None:
+    try:
+        db.session.rollback()
+    except SQLAlchemyError:  # the connection may be gone: nothing more to undo
+        log.warning("rollback failed", exc_info=True)
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ApiError)
+    def handle_api_error(error: ApiError):
+        _safe_rollback()
+        return error_response(error.status, error.code, error.message, **error.extra)
+
+    @app.errorhandler(HTTPException)
+    def handle_http_error(error: HTTPException):
+        if not _wants_json():
+            return render_template("error.html", error=error), error.code or 500
+        code = (error.name or "error").lower().replace(" ", "_")
+        return error_response(error.code or 500, code, error.description or error.name)
+
+    @app.errorhandler(DBAPIError)
+    def handle_database_down(error: DBAPIError):
+        # Connection-level trouble: fail closed with a retryable status.
+        _safe_rollback()
+        log.error("database error: %s", error.__class__.__name__)
+        if error.connection_invalidated or _is_operational(error):
+            return _unavailable()
+        return _internal()
+
+    @app.errorhandler(Exception)
+    def handle_unexpected(error: Exception):
+        if isinstance(error, HTTPException):
+            return handle_http_error(error)
+        _safe_rollback()
+        log.exception("unhandled error")
+        return _internal()
+
+
+def _is_operational(error: DBAPIError) -> bool:
+    from sqlalchemy.exc import OperationalError
+
+    return isinstance(error, OperationalError)
+
+
+def _unavailable():
+    if _wants_json():
+        return error_response(503, "unavailable", "the database is unavailable; nothing was done")
+    return render_template("error.html", error=None, message="Service unavailable"), 503
+
+
+def _internal():
+    if _wants_json():
+        return error_response(500, "internal_error", "unexpected error; nothing was committed")
+    return render_template("error.html", error=None, message="Internal error"), 500

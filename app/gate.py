@@ -1,0 +1,172 @@
+"""@gate_destructive: the one Flask-aware layer of the gate.
+
+For a gated caller the decorated view runs only after consuming a human approval bound to
+(workspace, action, hash of the request's context and caller). Anything else answers 202
+(pending), 403 (denied) or 503 (the gate could not decide: fail closed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import wraps
+from typing import Any
+
+from flask import current_app, g, jsonify, make_response
+from sqlalchemy.exc import SQLAlchemyError
+
+from . import approvals
+from .auth import Caller, path_label
+from .errors import ApiError, error_response
+from .extensions import db
+from .models import Workspace, utcnow
+from .policy import keyed_digest, policy_for, request_hash
+
+log = logging.getLogger("countersign.gate")
+
+
+@dataclass(frozen=True)
+class GateSubject:
+    """What a gated request would act on, as described by the route."""
+
+    chain: list[Workspace]  # the workspace acted in, then its ancestors
+    target: dict[str, Any]  # hashed and shown to the approver
+    summary_fields: dict[str, Any] = field(default_factory=dict)
+    # Hashed, never stored: keyed digests of secret values.
+    sealed: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def workspace_id(self) -> int:
+        return self.chain[0].id
+
+
+def seal(value: str) -> str:
+    """Keyed digest of a secret value, bound into the hash without being stored in clear."""
+    return keyed_digest(current_app.config["SECRET_KEY"], value)
+
+
+Describe = Callable[..., GateSubject | None]
+
+
+def gate_destructive(action: str, *, describe: Describe):
+    """Gate a view behind a human approval for the callers the policy names.
+
+    ``describe(**view_args)`` loads and authorises the target (raising 404/403 as needed) and
+    returns the GateSubject, or None when this request is not the gated action (for example a
+    secret PUT that creates rather than replaces).
+    """
+    policy_for(action)  # an action missing from the map fails at import, i.e. at startup
+
+    def decorator(view):
+        @wraps(view)
+        def gated_view(**view_args):
+            caller: Caller = g.caller
+            subject = describe(**view_args)
+            policy = policy_for(action)
+            if subject is None or not policy.gates(caller.kind):
+                log.info("gate passthrough", extra={"action": action, "caller_kind": caller.kind})
+                return view(**view_args)
+            return _gate(action, subject, caller, view, view_args)
+
+        gated_view.gate_action = action  # lets tests find every gated route
+        return gated_view
+
+    return decorator
+
+
+def _context(action: str, subject: GateSubject, caller: Caller) -> dict[str, Any]:
+    return {
+        "action": action,
+        "workspace": path_label(subject.chain),
+        "target": subject.target,
+        "caller": {"token_id": caller.token_id, "kind": caller.kind, "name": caller.name},
+        **({"sealed": sorted(subject.sealed)} if subject.sealed else {}),
+    }
+
+
+def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: dict[str, Any]):
+    policy = policy_for(action)
+    now = utcnow()
+    digest = request_hash(
+        action, subject.workspace_id, {**subject.target, **subject.sealed}, caller.token_id or 0
+    )
+    key = approvals.GateKey(subject.workspace_id, action, digest)
+    try:
+        consumed_id = approvals.consume(key, caller, now)
+    except Exception:  # whatever went wrong, the operation must not run
+        return _fail_closed(action, "consume")
+    if consumed_id is not None:
+        # The view commits the operation and the consumption together; if it fails, the
+        # rollback leaves the approval usable.
+        g.consumed_approval_id = consumed_id
+        response = make_response(view(**view_args))
+        if response.status_code >= 400:
+            db.session.rollback()
+        log.info("gate consumed", extra={"action": action, "approval_id": consumed_id})
+        return response
+
+    try:
+        pending = approvals.find_pending(key)
+        if pending is not None and approvals.expire_if_due(pending, now):
+            pending = None
+        if pending is None:
+            denial = approvals.find_recent_denial(key, policy, now)
+            if denial is not None:
+                db.session.commit()
+                return error_response(
+                    403,
+                    "approval_denied",
+                    "a human denied this request",
+                    approval_id=denial.id,
+                    reason=denial.reason,
+                )
+            summary = policy.describe(
+                {"workspace_path": path_label(subject.chain), **subject.summary_fields}
+            )
+            pending, _ = approvals.create_or_reuse_pending(
+                approvals.NewRequest(
+                    key, policy, summary, _context(action, subject, caller), subject.chain
+                ),
+                caller,
+                now,
+            )
+        db.session.commit()
+    except ApiError:
+        raise
+    except Exception:  # database down, bad policy template, ...: fail closed
+        return _fail_closed(action, "pending")
+    log.info("gate pending", extra={"action": action, "approval_id": pending.id})
+    return _accepted(pending)
+
+
+def _accepted(pending) -> Any:
+    status_url = f"/api/approvals/{pending.id}"
+    response = make_response(
+        jsonify(
+            {
+                "status": "pending",
+                "approval_id": pending.id,
+                "action": pending.action,
+                "workspace_id": pending.workspace_id,
+                "summary": pending.summary,
+                "expires_at": pending.expires_at.isoformat(),
+                "status_url": status_url,
+            }
+        ),
+        202,
+    )
+    response.headers["Location"] = status_url
+    response.headers["Retry-After"] = str(current_app.config["COUNTERSIGN_RETRY_AFTER"])
+    return response
+
+
+def _fail_closed(action: str, stage: str):
+    try:
+        db.session.rollback()
+    except SQLAlchemyError:
+        log.warning("rollback after gate failure failed too")
+    log.exception("gate failed closed", extra={"action": action, "stage": stage})
+    return error_response(
+        503, "gate_unavailable", "the approval gate could not decide; nothing was done"
+    )
