@@ -8,6 +8,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+  # (this machine's pip config names local mirrors that may be absent: hide that noise)
+  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 \
+    | grep -v "^WARNING: Location" || true
+  .venv/bin/python -c "import flask, flask_sock, pydantic, psycopg" # fail loudly if pip failed
   echo "$want" >"$stamp"
 fi
