@@ -8,9 +8,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  # (this machine's pip config names local mirrors that may be absent: hide that noise)
-  .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt 2>&1 \
-    | grep -v "^WARNING: Location" || true
-  .venv/bin/python -c "import flask, flask_sock, pydantic, psycopg" # fail loudly if pip failed
+  log=$(mktemp)
+  if ! .venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt >"$log" 2>&1; then
+    # (hide the noise of local package mirrors this machine's pip config names but lacks)
+    grep -v "^WARNING: Location" "$log" >&2
+    exit 1
+  fi
+  rm -f "$log"
   echo "$want" >"$stamp"
 fi
