@@ -103,6 +103,19 @@ def find_pending(key: GateKey) -> ApprovalRequest | None:
     ).scalar_one_or_none()
 
 
+def hash_for_idempotency_key(caller: Caller, key: str) -> str | None:
+    """The request hash this caller last sent under an Idempotency-Key, if any."""
+    return db.session.execute(
+        select(ApprovalRequest.request_hash)
+        .where(
+            ApprovalRequest.requested_by_token_id == caller.token_id,
+            ApprovalRequest.idempotency_key == key,
+        )
+        .order_by(ApprovalRequest.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+
+
 def find_recent_denial(key: GateKey, policy: ActionPolicy, now: datetime) -> ApprovalRequest | None:
     """A denial stays the answer for the pending TTL, so the agent stops asking."""
     return db.session.execute(
@@ -141,6 +154,7 @@ class NewRequest:
     summary: str
     context: dict[str, Any]
     chain: list[Workspace]  # nearest first
+    idempotency_key: str | None = None
 
 
 def create_or_reuse_pending(
@@ -164,6 +178,7 @@ def create_or_reuse_pending(
         "status": PENDING,
         "created_at": now,
         "expires_at": now + new.policy.pending_ttl,
+        "idempotency_key": new.idempotency_key,
     }
     dialect = db.session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from functools import wraps
 from typing import Any
 
-from flask import current_app, g, jsonify, make_response
+from flask import current_app, g, jsonify, make_response, request
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import approvals
@@ -92,8 +92,19 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
         action, subject.workspace_id, {**subject.target, **subject.sealed}, caller.token_id or 0
     )
     key = approvals.GateKey(subject.workspace_id, action, digest)
+    idempotency_key = _idempotency_key()
     try:
+        if idempotency_key is not None:
+            earlier = approvals.hash_for_idempotency_key(caller, idempotency_key)
+            if earlier is not None and earlier != digest:
+                raise ApiError(
+                    422,
+                    "idempotency_key_reused",
+                    "this Idempotency-Key was already used for a different request",
+                )
         consumed_id = approvals.consume(key, caller, now)
+    except ApiError:
+        raise
     except Exception:  # whatever went wrong, the operation must not run
         return _fail_closed(action, "consume")
     if consumed_id is not None:
@@ -126,7 +137,12 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
             )
             pending, _ = approvals.create_or_reuse_pending(
                 approvals.NewRequest(
-                    key, policy, summary, _context(action, subject, caller), subject.chain
+                    key,
+                    policy,
+                    summary,
+                    _context(action, subject, caller),
+                    subject.chain,
+                    idempotency_key,
                 ),
                 caller,
                 now,
@@ -138,6 +154,16 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
         return _fail_closed(action, "pending")
     log.info("gate pending", extra={"action": action, "approval_id": pending.id})
     return _accepted(pending)
+
+
+def _idempotency_key() -> str | None:
+    """The Idempotency-Key header: 1-255 printable ASCII characters, else 400."""
+    key = request.headers.get("Idempotency-Key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
+        raise ApiError(400, "bad_request", "Idempotency-Key must be 1-255 printable ASCII characters")
+    return key
 
 
 def _accepted(pending) -> Any:

@@ -185,6 +185,13 @@ class ApprovalRequest(db.Model):
             sqlite_where=text("status = 'denied'"),
         ),
         Index("ix_approval_requests_status_created_at", "status", "created_at"),
+        Index(
+            "ix_approval_requests_idempotency",
+            "requested_by_token_id",
+            "idempotency_key",
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -214,6 +221,8 @@ class ApprovalRequest(db.Model):
     # Until when a granted approval may be consumed.
     approval_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The client's Idempotency-Key header, if it sent one: the same key may not name two requests.
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
 
 class ApprovalScope(db.Model):
