@@ -162,7 +162,9 @@ def _idempotency_key() -> str | None:
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not key.isascii() or not key.isprintable():
-        raise ApiError(400, "bad_request", "Idempotency-Key must be 1-255 printable ASCII characters")
+        raise ApiError(
+            400, "bad_request", "Idempotency-Key must be 1-255 printable ASCII characters"
+        )
     return key
 
 
