@@ -10,7 +10,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.routing import IntegerConverter
 
-from . import events
+from . import events, logs, metrics
 from .config import default_config, normalise_database_url
 from .extensions import csrf, db, migrate, sock
 
@@ -46,14 +46,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     sock.init_app(app)
     csrf.init_app(app)
     events.init_app(app)
+    metrics.init_app(app)
+    logs.init_app(app)
 
     from .api import bp as api_bp
+    from .api.docs import bp as api_docs_bp
     from .cli import register_cli
     from .dashboard import bp as dashboard_bp
     from .errors import register_error_handlers
 
     csrf.exempt(api_bp)  # the API authenticates with bearer tokens, not cookies
     app.register_blueprint(api_bp)
+    app.register_blueprint(api_docs_bp)
     app.register_blueprint(dashboard_bp)
     register_error_handlers(app)
     register_cli(app)

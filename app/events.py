@@ -51,8 +51,9 @@ RESYNC = ApprovalChange(0, 0, "resync")
 class Subscription:
     """A subscriber's private queue of changes."""
 
-    def __init__(self, hub: EventHub) -> None:
+    def __init__(self, hub: EventHub, purpose: str) -> None:
         self._hub = hub
+        self.purpose = purpose
         self._queue: queue.SimpleQueue[ApprovalChange] = queue.SimpleQueue()
 
     def put(self, change: ApprovalChange) -> None:
@@ -82,8 +83,9 @@ class EventHub:
         self._subscriptions: set[Subscription] = set()
         self._on_first_subscriber: list = []
 
-    def subscribe(self) -> Subscription:
-        subscription = Subscription(self)
+    def subscribe(self, purpose: str = "dashboard") -> Subscription:
+        """A new subscription; ``purpose`` labels it in metrics (dashboard, longpoll, ...)."""
+        subscription = Subscription(self, purpose)
         with self._lock:
             self._subscriptions.add(subscription)
             starters, self._on_first_subscriber = self._on_first_subscriber, []
@@ -99,6 +101,11 @@ class EventHub:
     def subscriber_count(self) -> int:
         with self._lock:
             return len(self._subscriptions)
+
+    def subscriber_counts(self) -> dict[str, int]:
+        with self._lock:
+            purposes = [subscription.purpose for subscription in self._subscriptions]
+        return {purpose: purposes.count(purpose) for purpose in set(purposes)}
 
     def dispatch(self, change: ApprovalChange) -> None:
         with self._lock:
@@ -172,15 +179,14 @@ class Publisher:
         import psycopg
 
         backoff = 0.5
-        first = True
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=5) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self._listening.set()
-                    if not first:
-                        self.safe_dispatch(RESYNC)
-                    first = False
+                    # Anything committed before LISTEN took effect was not heard: subscribers
+                    # that were already waiting (first start or a reconnect) must re-read.
+                    self.safe_dispatch(RESYNC)
                     backoff = 0.5
                     while not self._stop.is_set():
                         for notify in conn.notifies(timeout=1.0):

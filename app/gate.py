@@ -16,7 +16,7 @@ from typing import Any
 from flask import current_app, g, jsonify, make_response, request
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import approvals
+from . import approvals, metrics
 from .auth import Caller, path_label
 from .errors import ApiError, error_response
 from .extensions import db
@@ -65,7 +65,7 @@ def gate_destructive(action: str, *, describe: Describe):
             subject = describe(**view_args)
             policy = policy_for(action)
             if subject is None or not policy.gates(caller.kind):
-                log.info("gate passthrough", extra={"action": action, "caller_kind": caller.kind})
+                _record(action, "passthrough", caller, subject)
                 return view(**view_args)
             return _gate(action, subject, caller, view, view_args)
 
@@ -106,7 +106,7 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
     except ApiError:
         raise
     except Exception:  # whatever went wrong, the operation must not run
-        return _fail_closed(action, "consume")
+        return _fail_closed(action, "consume", caller, subject)
     if consumed_id is not None:
         # The view commits the operation and the consumption together; if it fails, the
         # rollback leaves the approval usable.
@@ -114,7 +114,8 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
         response = make_response(view(**view_args))
         if response.status_code >= 400:
             db.session.rollback()
-        log.info("gate consumed", extra={"action": action, "approval_id": consumed_id})
+        outcome = "consumed" if response.status_code < 400 else "rolled_back"
+        _record(action, outcome, caller, subject, consumed_id, response.status_code)
         return response
 
     try:
@@ -125,6 +126,7 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
             denial = approvals.find_recent_denial(key, policy, now)
             if denial is not None:
                 db.session.commit()
+                _record(action, "denied", caller, subject, denial.id)
                 return error_response(
                     403,
                     "approval_denied",
@@ -151,8 +153,8 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
     except ApiError:
         raise
     except Exception:  # database down, bad policy template, ...: fail closed
-        return _fail_closed(action, "pending")
-    log.info("gate pending", extra={"action": action, "approval_id": pending.id})
+        return _fail_closed(action, "pending", caller, subject)
+    _record(action, "pending", caller, subject, pending.id)
     return _accepted(pending)
 
 
@@ -189,12 +191,38 @@ def _accepted(pending) -> Any:
     return response
 
 
-def _fail_closed(action: str, stage: str):
+def _record(
+    action: str,
+    outcome: str,
+    caller: Caller,
+    subject: GateSubject | None,
+    approval_id: int | None = None,
+    status: int | None = None,
+) -> None:
+    """One structured log line and one metric per gate decision (ids only, never secrets)."""
+    metrics.record_gate(action, outcome)
+    log.info(
+        "gate %s",
+        outcome,
+        extra={
+            "outcome": outcome,
+            "action": action,
+            "approval_id": approval_id,
+            "workspace_id": subject.workspace_id if subject else None,
+            "caller_kind": caller.kind,
+            "caller_token_id": caller.token_id,
+            "status": status,
+        },
+    )
+
+
+def _fail_closed(action: str, stage: str, caller: Caller, subject: GateSubject):
     try:
         db.session.rollback()
     except SQLAlchemyError:
         log.warning("rollback after gate failure failed too")
-    log.exception("gate failed closed", extra={"action": action, "stage": stage})
+    log.exception("gate failed closed at %s", stage)
+    _record(action, "failed_closed", caller, subject)
     return error_response(
         503, "gate_unavailable", "the approval gate could not decide; nothing was done"
     )

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from flask import g, request
+import time
+
+from flask import current_app, g, request
 from sqlalchemy import select
 
-from .. import approvals
+from .. import approvals, events
 from ..errors import ApiError
 from ..extensions import db
 from ..models import ApprovalRequest, ApprovalStatus, utcnow
@@ -58,10 +60,58 @@ def _visible_approval(approval_id: int) -> ApprovalRequest:
     return found
 
 
+MAX_WAIT_SECONDS = 60
+
+
+def _wait_seconds() -> float:
+    """?wait=N: seconds to long-poll, capped at 60; 400 unless a non-negative number."""
+    raw = request.args.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ApiError(400, "bad_request", "wait must be a number of seconds (0-60)", field="wait")
+    return min(seconds, MAX_WAIT_SECONDS)
+
+
+def _wait_while_pending(
+    approval_id: int, found: ApprovalRequest, seconds: float
+) -> ApprovalRequest:
+    """Block until the request leaves pending (or the wait ends), holding no database connection.
+
+    Woken by the same change events that drive the dashboard (LISTEN/NOTIFY on PostgreSQL), so
+    waiting costs a thread, not a pooled connection and not a polling loop.
+    """
+    deadline = time.monotonic() + min(
+        seconds, max(0.0, (found.expires_at - utcnow()).total_seconds())
+    )
+    with events.publisher_of(current_app).hub.subscribe("longpoll") as subscription:
+        # Re-read after subscribing so a decision made in between is not missed.
+        db.session.expire_all()
+        found = _visible_approval(approval_id)
+        while approvals.effective_status(found) == approvals.PENDING:
+            db.session.remove()  # give the connection back to the pool while we wait
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            change = subscription.get(timeout=remaining)
+            if change is None:
+                break
+            if change.approval_id in (approval_id, events.RESYNC.approval_id):
+                found = _visible_approval(approval_id)
+        return _visible_approval(approval_id)
+
+
 @bp.get("/approvals/<id:approval_id>")
 def get_approval(approval_id: int):
-    """One request with its decision and event timeline."""
+    """One request with its decision and event timeline; ?wait=N long-polls while pending."""
+    seconds = _wait_seconds()
     found = _visible_approval(approval_id)
+    if seconds > 0 and approvals.effective_status(found) == approvals.PENDING:
+        found = _wait_while_pending(approval_id, found, seconds)
     return {
         **approvals.to_json(found),
         "events": [

@@ -37,3 +37,132 @@ class MemberPut(Strict):
 class Decision(Strict):
     decision: Literal["approve", "deny"]
     reason: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)] | None = None
+
+
+# ---- responses (documentation: the OpenAPI document and the schemathesis run check them) ----
+
+STATUS_VALUES = {"pending", "approved", "denied", "expired", "consumed", "withdrawn"}
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class Error(BaseModel):
+    error: str
+    message: str
+    field: str | None = None
+
+
+class Pending(BaseModel):
+    status: Literal["pending"]
+    approval_id: int
+    action: str
+    workspace_id: int
+    summary: str
+    expires_at: Timestamp
+    status_url: str
+
+
+class WorkspaceOut(BaseModel):
+    id: int
+    name: str
+    parent_id: int | None
+    created_at: Timestamp
+
+
+class WorkspaceList(BaseModel):
+    workspaces: list[WorkspaceOut]
+
+
+class PathItem(BaseModel):
+    id: int
+    name: str
+
+
+class WorkspaceDetail(WorkspaceOut):
+    path: list[PathItem]
+    children: list[WorkspaceOut]
+
+
+class SecretOut(BaseModel):
+    """Never carries the value."""
+
+    workspace_id: int
+    name: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class SecretList(BaseModel):
+    secrets: list[SecretOut]
+
+
+class MemberOut(BaseModel):
+    workspace_id: int
+    username: str
+    role: Literal["owner", "approver", "viewer"]
+    created_at: Timestamp
+
+
+class MemberList(BaseModel):
+    members: list[MemberOut]
+
+
+class TokenOut(BaseModel):
+    id: int
+    prefix: str
+    kind: Literal["agent", "user", "service"]
+    name: str
+    workspace_id: int | None
+    user: str | None
+    created_at: Timestamp
+    revoked_at: Timestamp | None
+
+
+class TokenMinted(TokenOut):
+    token: str = Field(description="The plaintext token: shown once, never again.")
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenOut]
+
+
+class Requester(BaseModel):
+    token_id: int | None
+    kind: str
+    name: str
+
+
+class ApprovalOut(BaseModel):
+    id: int
+    status: Literal["pending", "approved", "denied", "expired", "consumed", "withdrawn"]
+    action: str
+    workspace_id: int
+    workspace_path: list[PathItem]
+    summary: str
+    context: dict
+    request_hash: str
+    requested_by: Requester
+    created_at: Timestamp
+    expires_at: Timestamp
+    decided_at: Timestamp | None
+    decided_by: str | None
+    decided_level: int | None
+    reason: str | None
+    approval_expires_at: Timestamp | None
+    consumed_at: Timestamp | None
+    status_url: str
+
+
+class ApprovalEventOut(BaseModel):
+    id: int
+    kind: str
+    actor: str
+    detail: dict
+    created_at: Timestamp
+
+
+class ApprovalDetail(ApprovalOut):
+    events: list[ApprovalEventOut]
+
+
+class ApprovalList(BaseModel):
+    approvals: list[ApprovalOut]
