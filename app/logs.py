@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import uuid
 
 from flask import Flask, g, has_request_context, request
 from pythonjsonlogger.json import JsonFormatter
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners and daemons swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 class RequestIdFilter(logging.Filter):
@@ -23,7 +32,7 @@ class RequestIdFilter(logging.Filter):
 def init_app(app: Flask) -> None:
     logger = logging.getLogger("countersign")
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = StderrHandler()
         handler.setFormatter(
             JsonFormatter("{asctime}{levelname}{name}{message}", style="{", timestamp=False)
         )

@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128)]
-Id = Annotated[int, Field(ge=1, le=2**31 - 1)]
+# At least one non-blank character (the JSON schema says so too, so fuzzers know).
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=128, pattern=r"\S")
+]
+
+
+def _integral_float_to_int(value: object) -> object:
+    """JSON has one number type: 7.0 is the integer 7 (JSON Schema agrees); 7.5 stays invalid."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Id = Annotated[int, Field(ge=1, le=2**31 - 1), BeforeValidator(_integral_float_to_int)]
 
 
 class Strict(BaseModel):
@@ -24,6 +34,15 @@ class SecretPut(Strict):
 
 
 class TokenCreate(Strict):
+    model_config = ConfigDict(
+        json_schema_extra={
+            # A user token names its user; other kinds name none.
+            "if": {"properties": {"kind": {"const": "user"}}},
+            "then": {"required": ["user"], "properties": {"user": {"type": "string"}}},
+            "else": {"properties": {"user": {"type": "null"}}},
+        }
+    )
+
     kind: Literal["agent", "user", "service"]
     name: Name
     workspace_id: Id | None = None
@@ -35,6 +54,18 @@ class MemberPut(Strict):
 
 
 class Decision(Strict):
+    """A denial needs a reason (the agent is told it)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"decision": {"const": "deny"}}},
+            "then": {
+                "required": ["reason"],
+                "properties": {"reason": {"type": "string", "pattern": "\\S"}},
+            },
+        }
+    )
+
     decision: Literal["approve", "deny"]
     reason: Annotated[str, StringConstraints(strip_whitespace=True, max_length=2000)] | None = None
 
