@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from .extensions import db
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """Raised anywhere under /api; rendered as {"error": code, "message": ..., **extra}."""
 
-    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
+    # Positional-only, so an extra field may itself be called "status" (e.g. a 409's state).
+    def __init__(self, status: int, code: str, message: str, /, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -25,7 +26,7 @@ class ApiError(Exception):
         self.extra = extra
 
 
-def error_response(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+def error_response(status: int, code: str, message: str, /, **extra: Any) -> tuple[Response, int]:
     return jsonify({"error": code, "message": message, **extra}), status
 
 
@@ -51,7 +52,11 @@ def register_error_handlers(app: Flask) -> None:
         if not _wants_json():
             return render_template("error.html", error=error), error.code or 500
         code = (error.name or "error").lower().replace(" ", "_")
-        return error_response(error.code or 500, code, error.description or error.name)
+        response, status = error_response(error.code or 500, code, error.description or error.name)
+        for name, value in error.get_headers():  # e.g. Allow on 405, as RFC 9110 requires
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status
 
     @app.errorhandler(DBAPIError)
     def handle_database_down(error: DBAPIError):
@@ -60,6 +65,11 @@ def register_error_handlers(app: Flask) -> None:
         log.error("database error: %s", error.__class__.__name__)
         if error.connection_invalidated or _is_operational(error):
             return _unavailable()
+        if isinstance(error, DataError) and _wants_json():
+            # A value the database cannot store (a NUL in PostgreSQL text): the client's input.
+            return error_response(
+                400, "bad_request", "the request carries a value the database cannot store"
+            )
         return _internal()
 
     @app.errorhandler(Exception)
