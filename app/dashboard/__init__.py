@@ -1,11 +1,12 @@
-"""The approval dashboard blueprint: server-rendered pages, htmx fragments, the websocket."""
+"""The approval dashboard blueprint: server-rendered pages, htmx fragments, the websocket.
+
+Modules: access.py (session login and the websocket's origin check), rows.py (what a user sees
+of a request, shared by pages and the live feed), views.py (pages, login/logout, the decision
+POST), live.py (the hub subscription behind each websocket).
+"""
 
 from flask import Blueprint
 
 bp = Blueprint("dashboard", __name__)
 
-
-@bp.get("/")
-def pending():
-    """Placeholder until the dashboard lands."""
-    return "Countersign"
+from . import access, filters, live, views  # noqa: E402, F401  (hooks and routes)

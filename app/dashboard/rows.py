@@ -1,0 +1,186 @@
+"""What one user sees of approval requests: plain snapshots plus that user's right to decide.
+
+Pages and the live feed share these, so a row rendered over HTTP and one pushed over the
+websocket come from the same data and the same template.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+
+from .. import approvals
+from ..auth import Caller
+from ..extensions import db
+from ..models import DECIDING_ROLES, ApprovalRequest, ApprovalScope, Membership
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An approval request as plain values, safe to share between threads and sessions."""
+
+    id: int
+    workspace_id: int
+    action: str
+    summary: str
+    workspace_path: tuple[dict[str, Any], ...]
+    requested_by_kind: str
+    requested_by_name: str
+    status: str  # the effective status when the snapshot was taken
+    created_at: datetime
+    expires_at: datetime
+    decided_at: datetime | None
+    decided_by_name: str | None
+    decided_level: int | None
+    reason: str | None
+    scopes: tuple[tuple[int, int], ...]  # (workspace_id, level): whose approvers may decide
+
+    @classmethod
+    def of(cls, request: ApprovalRequest, scopes: dict[int, int], now: datetime) -> Snapshot:
+        return cls(
+            id=request.id,
+            workspace_id=request.workspace_id,
+            action=request.action,
+            summary=request.summary,
+            workspace_path=tuple(request.workspace_path or ()),
+            requested_by_kind=request.requested_by_kind,
+            requested_by_name=request.requested_by_name,
+            status=approvals.effective_status(request, now),
+            created_at=request.created_at,
+            expires_at=request.expires_at,
+            decided_at=request.decided_at,
+            decided_by_name=request.decided_by_name,
+            decided_level=request.decided_level,
+            reason=request.reason,
+            scopes=tuple(sorted(scopes.items())),
+        )
+
+    @property
+    def is_pending(self) -> bool:
+        return self.status == approvals.PENDING
+
+    def ancestor_name(self, level: int) -> str | None:
+        """The name of the workspace ``level`` steps above the request's (path is root-first)."""
+        if 0 <= level < len(self.workspace_path):
+            return self.workspace_path[-1 - level].get("name")
+        return None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A snapshot as one user sees it."""
+
+    row: Snapshot
+    # The nearest level at which the user may decide (0: on the workspace itself, >0: on an
+    # ancestor, i.e. by escalation); None when the user may only look.
+    level: int | None
+
+    @property
+    def can_decide(self) -> bool:
+        return self.level is not None and self.row.is_pending
+
+    @property
+    def escalated_from(self) -> str | None:
+        """The ancestor the user's right comes from, when it does not come from the workspace."""
+        if self.level is None or self.level == 0:
+            return None
+        return self.row.ancestor_name(self.level)
+
+
+def roles_on(user_id: int, workspace_ids: list[int]) -> dict[int, str]:
+    """The user's role on each of these workspaces that they are a member of."""
+    if not workspace_ids:
+        return {}
+    rows = db.session.execute(
+        select(Membership.workspace_id, Membership.role).where(
+            Membership.user_id == user_id, Membership.workspace_id.in_(workspace_ids)
+        )
+    )
+    return {workspace_id: role for workspace_id, role in rows}
+
+
+def entry_for(caller: Caller, row: Snapshot) -> Entry | None:
+    """The user's view of a request, or None when they may not see it at all.
+
+    The same rule as approvals.visible_to(): a role on any workspace in the request's scope
+    (its own workspace or an ancestor). Deciding needs owner/approver there, as in decide().
+    """
+    levels = dict(row.scopes)
+    roles = roles_on(caller.user_id, list(levels)) if caller.user_id is not None else {}
+    if not roles:
+        return None
+    deciding = [levels[ws] for ws, role in roles.items() if role in DECIDING_ROLES]
+    return Entry(row, min(deciding) if deciding else None)
+
+
+def scopes_of(approval_ids: list[int]) -> dict[int, dict[int, int]]:
+    """approval id -> {workspace id: level} for many requests in one query."""
+    found: dict[int, dict[int, int]] = {approval_id: {} for approval_id in approval_ids}
+    if not approval_ids:
+        return found
+    rows = db.session.execute(
+        select(ApprovalScope.approval_id, ApprovalScope.workspace_id, ApprovalScope.level).where(
+            ApprovalScope.approval_id.in_(approval_ids)
+        )
+    )
+    for approval_id, workspace_id, level in rows:
+        found[approval_id][workspace_id] = level
+    return found
+
+
+def snapshot(approval_id: int, now: datetime) -> Snapshot | None:
+    """Load one request as a snapshot (None if it does not exist)."""
+    request = db.session.get(ApprovalRequest, approval_id)
+    if request is None:
+        return None
+    return Snapshot.of(request, approvals.scope_levels(approval_id), now)
+
+
+def pending_entries(caller: Caller, now: datetime) -> list[Entry]:
+    """Every pending request the user may see, newest first, with their right on each."""
+    requests = list(
+        db.session.execute(
+            select(ApprovalRequest)
+            .where(approvals.visible_to(caller), approvals.status_filter(approvals.PENDING, now))
+            .order_by(ApprovalRequest.created_at.desc(), ApprovalRequest.id.desc())
+        ).scalars()
+    )
+    return entries_of(caller, requests, now)
+
+
+def entries_of(caller: Caller, requests: list[ApprovalRequest], now: datetime) -> list[Entry]:
+    """Requests the caller may see (already filtered by visible_to) as entries, in order."""
+    scopes = scopes_of([r.id for r in requests])
+    deciding_on = set(
+        db.session.execute(
+            select(Membership.workspace_id).where(
+                Membership.user_id == caller.user_id, Membership.role.in_(DECIDING_ROLES)
+            )
+        ).scalars()
+    )
+    entries = []
+    for request in requests:
+        levels = scopes[request.id]
+        deciding = [level for ws, level in levels.items() if ws in deciding_on]
+        entries.append(
+            Entry(Snapshot.of(request, levels, now), min(deciding) if deciding else None)
+        )
+    return entries
+
+
+def decidable_pending_count(caller: Caller, now: datetime) -> int:
+    """How many pending requests await this user's decision (the number in the title)."""
+    deciding_on = select(Membership.workspace_id).where(
+        Membership.user_id == caller.user_id, Membership.role.in_(DECIDING_ROLES)
+    )
+    return db.session.execute(
+        select(func.count(ApprovalRequest.id)).where(
+            approvals.status_filter(approvals.PENDING, now),
+            ApprovalRequest.id.in_(
+                select(ApprovalScope.approval_id).where(ApprovalScope.workspace_id.in_(deciding_on))
+            ),
+        )
+    ).scalar_one()
