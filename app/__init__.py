@@ -10,13 +10,21 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.routing import IntegerConverter
 
-from . import events, logs, metrics
-from .config import default_config, normalise_database_url
+from . import events, logs, metrics, security
+from .config import default_config, load_environment, normalise_database_url
 from .extensions import csrf, db, migrate, sock
+from .policy_file import load_policy
 
 
 class IdConverter(IntegerConverter):
     """Positive ids that fit a 32-bit column; anything else is simply not a route (404)."""
+
+    # 1 .. 2**31 - 1 without leading zeros, bounded by the regex itself: when only to_python
+    # rejects a value, werkzeug answers 405 if another method's rule matched the path first.
+    regex = (
+        r"(?:[1-9]\d{0,8}|1\d{9}|20\d{8}|21[0-3]\d{7}|214[0-6]\d{6}|2147[0-3]\d{5}"
+        r"|21474[0-7]\d{4}|214748[0-2]\d{3}|2147483[0-5]\d{2}|21474836[0-3]\d|214748364[0-7])"
+    )
 
     def __init__(self, map, **kwargs: Any) -> None:
         super().__init__(map, min=1, max=2**31 - 1, **kwargs)
@@ -31,7 +39,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         static_folder="../static",
     )
     app.config.from_mapping(default_config(app.instance_path))
-    app.config.from_prefixed_env("COUNTERSIGN")
+    load_environment(app.config)
     if test_config:
         app.config.from_mapping(test_config)
     app.config["SQLALCHEMY_DATABASE_URI"] = normalise_database_url(
@@ -40,6 +48,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite:///"):
         os.makedirs(app.instance_path, exist_ok=True)
 
+    # An invalid policy file stops the app here, with the file, key and reason in the message.
+    app.extensions["countersign_policy"] = load_policy(app.config["COUNTERSIGN_POLICY"])
     app.url_map.converters["id"] = IdConverter
     db.init_app(app)
     migrate.init_app(app, db, directory=os.path.join(os.path.dirname(app.root_path), "migrations"))
@@ -56,6 +66,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     from .errors import register_error_handlers
 
     csrf.exempt(api_bp)  # the API authenticates with bearer tokens, not cookies
+    security.init_app(app)
+    security.throttle_failed_auth(app, api_bp)
     app.register_blueprint(api_bp)
     app.register_blueprint(api_docs_bp)
     app.register_blueprint(dashboard_bp)

@@ -1,5 +1,6 @@
 """Configuration defaults and the database URL normalisation."""
 
+import json
 import os
 import secrets
 from pathlib import Path
@@ -35,4 +36,34 @@ def default_config(instance_path: str) -> dict:
         "COUNTERSIGN_RETRY_AFTER": 5,
         # Use LISTEN/NOTIFY on PostgreSQL so every process sees every event.
         "COUNTERSIGN_PG_NOTIFY": True,
+        # A TOML policy file that tunes the built-in map per action and subtree (policy_file.py).
+        "COUNTERSIGN_POLICY": os.environ.get("COUNTERSIGN_POLICY") or None,
+        # Webhook delivery (outbox.py): per-attempt timeout, tries before the dead letter,
+        # backoff (doubling from BACKOFF seconds up to BACKOFF_CAP, with jitter), and the lease a
+        # worker holds on a message while posting it. 12 tries span about two hours and more.
+        "COUNTERSIGN_WEBHOOK_TIMEOUT": 5.0,
+        "COUNTERSIGN_WEBHOOK_MAX_ATTEMPTS": 12,
+        "COUNTERSIGN_WEBHOOK_BACKOFF": 10.0,
+        "COUNTERSIGN_WEBHOOK_BACKOFF_CAP": 3600.0,
+        "COUNTERSIGN_WEBHOOK_LEASE": 60.0,
+        # Prefix for links in notifications, e.g. https://countersign.example.com (else paths).
+        "COUNTERSIGN_PUBLIC_URL": os.environ.get("COUNTERSIGN_PUBLIC_URL") or "",
     }
+
+
+def load_environment(config: dict) -> None:
+    """COUNTERSIGN_* variables set the config keys of the same name; FLASK_* set Flask's own.
+
+    Values are parsed as JSON when they parse (numbers, true/false, lists), else kept as text.
+    """
+    for name, raw in os.environ.items():
+        if name.startswith("FLASK_") and name not in ("FLASK_APP", "FLASK_DEBUG", "FLASK_ENV"):
+            key = name.removeprefix("FLASK_")
+        elif name.startswith("COUNTERSIGN_") and name not in ("COUNTERSIGN_TEST_ENGINE",):
+            key = name
+        else:
+            continue
+        try:
+            config[key] = json.loads(raw)
+        except ValueError:
+            config[key] = raw

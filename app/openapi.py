@@ -25,6 +25,7 @@ ERROR_STATUSES = {
     "409": "Conflict with the current state (e.g. not pending, has children)",
     "413": "Body larger than the configured limit (default 1 MiB)",
     "422": "Body failed validation; `field` names the first failing field",
+    "429": "Too many failed authentication attempts from this address; see Retry-After",
     "503": "The database or the gate could not decide: nothing was done (fail closed)",
 }
 
@@ -38,7 +39,7 @@ class Operation:
     body: type[BaseModel] | None = None
     gate: str | None = None  # the gated policy action, if any
     query: list[dict[str, Any]] = field(default_factory=list)
-    errors: tuple[str, ...] = ("400", "401", "403", "404", "409", "413", "422", "503")
+    errors: tuple[str, ...] = ("400", "401", "403", "404", "409", "413", "422", "429", "503")
     public: bool = False
 
 
@@ -182,6 +183,43 @@ OPERATIONS: list[Operation] = [
         "/api/approvals/{approval_id}/withdraw",
         "Withdraw one's own pending request",
         {"200": S.ApprovalOut},
+    ),
+    Operation(
+        "post",
+        "/api/workspaces/{workspace_id}/webhooks",
+        "Register a signed webhook for the subtree (owners, service tokens); secret shown once",
+        {"201": S.WebhookCreated},
+        S.WebhookCreate,
+    ),
+    Operation(
+        "get",
+        "/api/workspaces/{workspace_id}/webhooks",
+        "List the workspace's webhooks (no secrets)",
+        {"200": S.WebhookList},
+    ),
+    Operation(
+        "delete",
+        "/api/workspaces/{workspace_id}/webhooks/{webhook_id}",
+        "Remove a webhook and its undelivered notifications",
+        {"204": None},
+    ),
+    Operation(
+        "get",
+        "/api/workspaces/{workspace_id}/webhooks/{webhook_id}/deliveries",
+        "The delivery log: notifications with their attempts, newest first",
+        {"200": S.DeliveryList},
+        query=[
+            {
+                "name": "status",
+                "in": "query",
+                "schema": {"type": "string", "enum": ["pending", "delivered", "dead"]},
+            },
+            {
+                "name": "limit",
+                "in": "query",
+                "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+            },
+        ],
     ),
     Operation("get", "/api/openapi.json", "This document", {"200": None}, errors=(), public=True),
     Operation(

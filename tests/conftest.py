@@ -8,6 +8,7 @@ The schema is built once per session by the Alembic migrations, then emptied bet
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,10 @@ from app.extensions import db
 from app.models import Membership, Secret, User, Workspace
 
 TABLES = [
+    "outbox_attempts",
+    "outbox_messages",
+    "webhooks",
+    "approval_votes",
     "approval_events",
     "approval_scopes",
     "approval_requests",
@@ -60,6 +65,9 @@ def make_app(database_url: str, **overrides: Any) -> Flask:
         if database_url.startswith("postgres")
         else {},
         "COUNTERSIGN_RETRY_AFTER": 1,
+        # Tests send many bad tokens from one address on purpose; throttling has its own test.
+        "COUNTERSIGN_AUTH_FAILURE_LIMIT": "100000/minute",
+        "COUNTERSIGN_LOGIN_LIMIT": "100000/minute",
     }
     config.update(overrides)
     return create_app(config)
@@ -123,6 +131,12 @@ class World:
         return {"Authorization": f"Bearer {self.tokens[name]}"}
 
 
+@functools.cache
+def password_hash(password: str) -> str:
+    """scrypt is slow on purpose; hash the shared test password once per session."""
+    return hash_password(password)
+
+
 def seed_world(app: Flask) -> World:
     world = World()
     with app.app_context():
@@ -139,7 +153,7 @@ def seed_world(app: Flask) -> World:
         world.ws = {"acme": acme.id, "prod": prod.id, "staging": staging.id, "api": api.id}
         people = {}
         for name in ("alice", "carol", "dave", "victor", "mallory"):
-            people[name] = User(username=name, password_hash=hash_password(world.password))
+            people[name] = User(username=name, password_hash=password_hash(world.password))
         db.session.add_all(people.values())
         db.session.flush()
         db.session.add_all(
