@@ -24,6 +24,8 @@ fi
 
 echo "== lint"
 .venv/bin/ruff check .
+echo "== security lint and dependency audit"
+scripts/audit.sh
 echo "== suite on PostgreSQL"
 .venv/bin/pytest "$@"
 echo "== gate tests on SQLite"
