@@ -6,7 +6,7 @@ import logging
 from typing import Any
 
 from flask import Flask, Response, jsonify, render_template, request
-from sqlalchemy.exc import DataError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import DataError, DBAPIError, OperationalError, SQLAlchemyError
 from werkzeug.exceptions import HTTPException
 
 from .extensions import db
@@ -64,7 +64,7 @@ def register_error_handlers(app: Flask) -> None:
         _safe_rollback()
         log.error("database error: %s", error.__class__.__name__)
         if error.connection_invalidated or _is_operational(error):
-            return _unavailable()
+            return _unavailable(error)
         if isinstance(error, DataError) and _wants_json():
             # A value the database cannot store (a NUL in PostgreSQL text): the client's input.
             return error_response(
@@ -81,15 +81,38 @@ def register_error_handlers(app: Flask) -> None:
         return _internal()
 
 
+# SQLSTATE classes that mean "the database cannot take writes right now", not "bad request":
+# 08 connection, 25 invalid transaction state (read-only), 53 insufficient resources (disk
+# full), 57 operator intervention (shutdown, restart).
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "25", "53", "57")
+
+
 def _is_operational(error: DBAPIError) -> bool:
-    from sqlalchemy.exc import OperationalError
+    """The database is down, read-only or full: fail closed with a retryable 503."""
+    if isinstance(error, OperationalError):
+        return True
+    sqlstate = getattr(error.orig, "sqlstate", None) or ""
+    return sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES
 
-    return isinstance(error, OperationalError)
+
+SQLSTATE_MESSAGES = {
+    "25006": "the database is read-only",
+    "53100": "the database is out of disk space",
+    "57P01": "the database is shutting down",
+    "57P03": "the database is starting up",
+}
 
 
-def _unavailable():
+def describe_database_error(error: BaseException) -> str:
+    """A short, safe explanation of why the database refused (never the SQL or parameters)."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None) or ""
+    return SQLSTATE_MESSAGES.get(sqlstate, "the database is unavailable")
+
+
+def _unavailable(error: BaseException | None = None):
     if _wants_json():
-        return error_response(503, "unavailable", "the database is unavailable; nothing was done")
+        reason = describe_database_error(error) if error else "the database is unavailable"
+        return error_response(503, "unavailable", f"{reason}; nothing was done")
     return render_template("error.html", error=None, message="Service unavailable"), 503
 
 

@@ -18,10 +18,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from . import approvals, metrics
 from .auth import Caller, path_label
-from .errors import ApiError, error_response
+from .errors import ApiError, describe_database_error, error_response
 from .extensions import db
 from .models import Workspace, utcnow
-from .policy import keyed_digest, policy_for, request_hash
+from .policy import ActionPolicy, keyed_digest, policy_for, request_hash
+from .policy_file import EffectivePolicy
 
 log = logging.getLogger("countersign.gate")
 
@@ -35,10 +36,22 @@ class GateSubject:
     summary_fields: dict[str, Any] = field(default_factory=dict)
     # Hashed, never stored: keyed digests of secret values.
     sealed: dict[str, str] = field(default_factory=dict)
+    workspace_id: int = field(init=False)
 
-    @property
-    def workspace_id(self) -> int:
-        return self.chain[0].id
+    def __post_init__(self) -> None:
+        # Read the id now: after a commit or rollback the ORM would reload chain[0], and a
+        # concurrent request may have deleted that workspace by then.
+        object.__setattr__(self, "workspace_id", self.chain[0].id)
+
+
+def effective_policy() -> EffectivePolicy:
+    """The policy loaded at startup: the built-in map, tuned by COUNTERSIGN_POLICY if set."""
+    return current_app.extensions["countersign_policy"]
+
+
+def resolve_policy(action: str, subject: GateSubject) -> ActionPolicy:
+    """The effective policy for this action in this workspace (pure; no statement)."""
+    return effective_policy().resolve(action, [(ws.id, ws.name) for ws in subject.chain])
 
 
 def seal(value: str) -> str:
@@ -63,11 +76,14 @@ def gate_destructive(action: str, *, describe: Describe):
         def gated_view(**view_args):
             caller: Caller = g.caller
             subject = describe(**view_args)
-            policy = policy_for(action)
-            if subject is None or not policy.gates(caller.kind):
+            if subject is None:
                 _record(action, "passthrough", caller, subject)
                 return view(**view_args)
-            return _gate(action, subject, caller, view, view_args)
+            policy = resolve_policy(action, subject)
+            if not policy.gates(caller.kind):
+                _record(action, "passthrough", caller, subject)
+                return view(**view_args)
+            return _gate(action, policy, subject, caller, view, view_args)
 
         gated_view.gate_action = action  # lets tests find every gated route
         return gated_view
@@ -85,8 +101,14 @@ def _context(action: str, subject: GateSubject, caller: Caller) -> dict[str, Any
     }
 
 
-def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: dict[str, Any]):
-    policy = policy_for(action)
+def _gate(
+    action: str,
+    policy: ActionPolicy,
+    subject: GateSubject,
+    caller: Caller,
+    view,
+    view_args: dict[str, Any],
+):
     now = utcnow()
     digest = request_hash(
         action, subject.workspace_id, {**subject.target, **subject.sealed}, caller.token_id or 0
@@ -105,8 +127,8 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
         consumed_id = approvals.consume(key, caller, now)
     except ApiError:
         raise
-    except Exception:  # whatever went wrong, the operation must not run
-        return _fail_closed(action, "consume", caller, subject)
+    except Exception as error:  # whatever went wrong, the operation must not run
+        return _fail_closed(action, "consume", caller, subject, error)
     if consumed_id is not None:
         # The view commits the operation and the consumption together; if it fails, the
         # rollback leaves the approval usable.
@@ -145,6 +167,7 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
                     _context(action, subject, caller),
                     subject.chain,
                     idempotency_key,
+                    effective_policy().version,
                 ),
                 caller,
                 now,
@@ -152,8 +175,8 @@ def _gate(action: str, subject: GateSubject, caller: Caller, view, view_args: di
         db.session.commit()
     except ApiError:
         raise
-    except Exception:  # database down, bad policy template, ...: fail closed
-        return _fail_closed(action, "pending", caller, subject)
+    except Exception as error:  # database down, bad policy template, ...: fail closed
+        return _fail_closed(action, "pending", caller, subject, error)
     _record(action, "pending", caller, subject, pending.id)
     return _accepted(pending)
 
@@ -216,13 +239,18 @@ def _record(
     )
 
 
-def _fail_closed(action: str, stage: str, caller: Caller, subject: GateSubject):
+def _fail_closed(
+    action: str, stage: str, caller: Caller, subject: GateSubject, error: BaseException
+):
     try:
         db.session.rollback()
     except SQLAlchemyError:
         log.warning("rollback after gate failure failed too")
     log.exception("gate failed closed at %s", stage)
     _record(action, "failed_closed", caller, subject)
-    return error_response(
-        503, "gate_unavailable", "the approval gate could not decide; nothing was done"
+    reason = (
+        describe_database_error(error)
+        if isinstance(error, SQLAlchemyError)
+        else "the approval gate could not decide"
     )
+    return error_response(503, "gate_unavailable", f"{reason}; nothing was done")

@@ -26,3 +26,5 @@ echo "export PG_ADMIN_URL=postgresql://postgres@127.0.0.1:$port/postgres"
 echo "export PG_DATA_DIR=$dir/data"
 echo "export PG_BIN=$pgbin"
 echo "export PG_STOP='${as_owner[*]} $pgbin/pg_ctl -D $dir/data -m immediate stop'"
+# For fault-injection tests: `$PG_CTL restart -m fast -w` (same options as the first start).
+echo "export PG_CTL='${as_owner[*]} $pgbin/pg_ctl -D $dir/data -l $dir/server.log'"
