@@ -6,7 +6,7 @@ import time
 
 import click
 from flask import Flask
-from flask.cli import AppGroup
+from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
 from . import approvals
@@ -71,6 +71,7 @@ def policy_show() -> None:
 
 
 @click.command("seed-demo")
+@with_appcontext
 @click.option("--password", default="countersign-demo", show_default=True)
 def seed_demo(password: str) -> None:
     """Seed a small workspace tree, an approver, a viewer and an agent token (idempotent)."""
@@ -122,6 +123,7 @@ def seed_demo(password: str) -> None:
 
 
 @click.command("worker")
+@with_appcontext
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between runs.")
 @click.option("--once", is_flag=True, help="Run the jobs once and exit.")
 def worker(interval: float, once: bool) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, request
-from flask_limiter import Limiter, RequestLimit
+from flask_limiter import HeaderNames, Limiter, RequestLimit
 from flask_limiter.util import get_remote_address
 
 log = logging.getLogger("countersign.security")
+
+LIMITER_RETRY_AFTER = "X-RateLimit-Retry-After"
 
 # Scripts and styles only from our own origin: every script is a vendored or own static file.
 STRICT_CSP = (
@@ -39,11 +41,23 @@ def _log_breach(limit: RequestLimit) -> None:
 def init_app(app: Flask) -> Limiter:
     app.config.setdefault("COUNTERSIGN_AUTH_FAILURE_LIMIT", "20/minute")
     app.config.setdefault("COUNTERSIGN_LOGIN_LIMIT", "10/minute")
+
+    # Flask-Limiter sets Retry-After on every response it counted, which would overwrite the
+    # gate's hint on a 202 (rounded down: 1s became 0, a busy loop). Its value goes under its own
+    # name, and becomes Retry-After only on its own 429s. Registered before the limiter's hook,
+    # this one runs after it.
+    @app.after_request
+    def retry_after_on_throttle(response: Response) -> Response:
+        if response.status_code == 429 and LIMITER_RETRY_AFTER in response.headers:
+            response.headers["Retry-After"] = response.headers[LIMITER_RETRY_AFTER]
+        return response
+
     limiter = Limiter(
         get_remote_address,
         app=app,
         storage_uri=app.config.get("COUNTERSIGN_RATELIMIT_STORAGE_URI", "memory://"),
         headers_enabled=True,
+        header_name_mapping={HeaderNames.RETRY_AFTER: LIMITER_RETRY_AFTER},
         on_breach=_log_breach,
     )
     app.extensions["countersign_limiter"] = limiter

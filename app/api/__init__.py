@@ -25,7 +25,10 @@ def parse_body(model: type[Model]) -> Model:
     """Validate the JSON body against a schema: 400 if not JSON, 422 naming the failing field."""
     if not request.is_json:
         raise ApiError(400, "bad_request", "send a JSON body with Content-Type: application/json")
-    payload = request.get_json(silent=True)
+    try:
+        payload = request.get_json(silent=True)
+    except RecursionError:  # nested deeper than the parser can follow: still just bad JSON
+        payload = None
     if payload is None:
         raise ApiError(400, "bad_request", "the body is not valid JSON")
     try:
