@@ -98,6 +98,13 @@ def test_login_redirects_only_to_local_paths(client, world):
         token = csrf_from(client.get("/").get_data(as_text=True))
 
 
+def test_failed_logins_are_throttled(app, client, world):
+    app.config["COUNTERSIGN_LOGIN_LIMIT"] = "3/minute"
+    statuses = [login_client(client, "carol", "guess").status_code for _ in range(4)]
+    assert statuses == [401, 401, 401, 429]
+    assert login_client(client, "carol", world.password).status_code == 429
+
+
 def test_login_without_csrf_token_is_refused(client, world):
     response = client.post("/login", data={"username": "carol", "password": world.password})
     assert response.status_code == 400

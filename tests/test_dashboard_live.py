@@ -205,3 +205,19 @@ def test_snapshot_names_the_escalating_ancestor():
     )  # fmt: skip
     assert row.ancestor_name(1) == "acme" and row.ancestor_name(0) == "api"
     assert row.ancestor_name(5) is None
+
+
+def test_sockets_of_one_process_share_one_read_per_change(app, world, ask, monkeypatch):
+    import app.dashboard.live as live
+
+    loads = []
+    real = live.snapshot
+    monkeypatch.setattr(live, "snapshot", lambda *a: loads.append(a) or real(*a))
+    approval_id = ask()
+    with app.test_request_context():
+        cache = SnapshotCache()
+        feeds = [Feed(caller(name), LiveView("pending"), cache) for name in world_users()]
+        change = last_change(approval_id)
+        sent = [feed.apply([change], utcnow()) for feed in feeds]
+    assert len(loads) == 1
+    assert sum(f'id="approval-{approval_id}"' in message for message in sent) == 3

@@ -123,7 +123,7 @@ class Feed:
     def __init__(self, caller: Caller, view: LiveView, cache: SnapshotCache | None = None) -> None:
         self.caller = caller
         self.view = view
-        self.cache = cache or SnapshotCache()
+        self.cache = cache if cache is not None else SnapshotCache()
         self.shown: dict[int, Entry] = {}
 
     @property

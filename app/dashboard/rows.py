@@ -6,7 +6,8 @@ websocket come from the same data and the same template.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -37,9 +38,18 @@ class Snapshot:
     decided_level: int | None
     reason: str | None
     scopes: tuple[tuple[int, int], ...]  # (workspace_id, level): whose approvers may decide
+    # user id -> ((workspace_id, role), ...) for every role held on a scope workspace, read
+    # with the row: who may see and decide it at that moment. Empty unless snapshot() loaded it.
+    roles: Mapping[int, tuple[tuple[int, str], ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, request: ApprovalRequest, scopes: dict[int, int], now: datetime) -> Snapshot:
+    def of(
+        cls,
+        request: ApprovalRequest,
+        scopes: dict[int, int],
+        now: datetime,
+        roles: Mapping[int, tuple[tuple[int, str], ...]] | None = None,
+    ) -> Snapshot:
         return cls(
             id=request.id,
             workspace_id=request.workspace_id,
@@ -56,6 +66,7 @@ class Snapshot:
             decided_level=request.decided_level,
             reason=request.reason,
             scopes=tuple(sorted(scopes.items())),
+            roles=roles or {},
         )
 
     @property
@@ -90,29 +101,18 @@ class Entry:
         return self.row.ancestor_name(self.level)
 
 
-def roles_on(user_id: int, workspace_ids: list[int]) -> dict[int, str]:
-    """The user's role on each of these workspaces that they are a member of."""
-    if not workspace_ids:
-        return {}
-    rows = db.session.execute(
-        select(Membership.workspace_id, Membership.role).where(
-            Membership.user_id == user_id, Membership.workspace_id.in_(workspace_ids)
-        )
-    )
-    return {workspace_id: role for workspace_id, role in rows}
-
-
 def entry_for(caller: Caller, row: Snapshot) -> Entry | None:
     """The user's view of a request, or None when they may not see it at all.
 
-    The same rule as approvals.visible_to(): a role on any workspace in the request's scope
-    (its own workspace or an ancestor). Deciding needs owner/approver there, as in decide().
+    The rule of approvals.visible_to(): a role on any workspace in the request's scope (its
+    own workspace or an ancestor). Deciding needs owner/approver there, as in decide(). The
+    roles come with the snapshot, read after the change committed.
     """
     levels = dict(row.scopes)
-    roles = roles_on(caller.user_id, list(levels)) if caller.user_id is not None else {}
+    roles = row.roles.get(caller.user_id, ()) if caller.user_id is not None else ()
     if not roles:
         return None
-    deciding = [levels[ws] for ws, role in roles.items() if role in DECIDING_ROLES]
+    deciding = [levels[ws] for ws, role in roles if role in DECIDING_ROLES and ws in levels]
     return Entry(row, min(deciding) if deciding else None)
 
 
@@ -132,11 +132,19 @@ def scopes_of(approval_ids: list[int]) -> dict[int, dict[int, int]]:
 
 
 def snapshot(approval_id: int, now: datetime) -> Snapshot | None:
-    """Load one request as a snapshot (None if it does not exist)."""
+    """Load one request with its scope and the roles held on it (None if it does not exist)."""
     request = db.session.get(ApprovalRequest, approval_id)
     if request is None:
         return None
-    return Snapshot.of(request, approvals.scope_levels(approval_id), now)
+    scopes = approvals.scope_levels(approval_id)
+    roles: dict[int, list[tuple[int, str]]] = {}
+    for user_id, workspace_id, role in db.session.execute(
+        select(Membership.user_id, Membership.workspace_id, Membership.role).where(
+            Membership.workspace_id.in_(list(scopes))
+        )
+    ):
+        roles.setdefault(user_id, []).append((workspace_id, role))
+    return Snapshot.of(request, scopes, now, {u: tuple(r) for u, r in roles.items()})
 
 
 def pending_entries(caller: Caller, now: datetime) -> list[Entry]:

@@ -90,6 +90,23 @@ def login():
     ), status
 
 
+@bp.record_once
+def throttle_failed_logins(state) -> None:
+    """Failed logins (401) count against COUNTERSIGN_LOGIN_LIMIT per client address, when the
+    app has a limiter (security.py); a password guesser slows down, a user who logs in doesn't."""
+    limiter = state.app.extensions.get("countersign_limiter")
+    if limiter is None:
+        return
+    config = state.app.config
+    endpoint = f"{bp.name}.login"
+    state.app.view_functions[endpoint] = limiter.limit(
+        lambda: config.get("COUNTERSIGN_LOGIN_LIMIT", "10/minute"),
+        deduct_when=lambda response: response.status_code == 401,
+        methods=["POST"],
+        scope="dashboard-login",
+    )(state.app.view_functions[endpoint])
+
+
 @bp.post("/logout")
 def logout():
     """End the session (a POST with the CSRF token: a link elsewhere cannot log you out)."""
