@@ -81,9 +81,25 @@ def get_workspace(workspace_id: int):
     }
 
 
+def locked_subtree_ids(workspace_id: int) -> list[int]:
+    """The subtree's ids, with every row locked until the transaction ends.
+
+    Creating a child takes a key-share lock on its parent, which our FOR UPDATE blocks: once
+    the set is stable under lock, no child can join it before the delete commits, so the
+    approved subtree is exactly what goes. (SQLite has one writer at a time anyway.)
+    """
+    ids = set(subtree_ids(workspace_id))
+    while True:
+        db.session.execute(select(Workspace.id).where(Workspace.id.in_(ids)).with_for_update())
+        again = set(subtree_ids(workspace_id))
+        if again == ids:
+            return sorted(ids)
+        ids = again
+
+
 def subtree_description(workspace_id: int) -> list[dict[str, Any]]:
     """The workspaces a delete would remove, parents before children."""
-    ids = subtree_ids(workspace_id)
+    ids = locked_subtree_ids(workspace_id)
     rows = db.session.execute(select(Workspace).where(Workspace.id.in_(ids)).order_by(Workspace.id))
     return [{"id": ws.id, "name": ws.name, "parent_id": ws.parent_id} for ws in rows.scalars()]
 
