@@ -1,7 +1,10 @@
-"""Approval requests in the database: consume, create-or-reuse, decide, withdraw, expire.
+"""Approval requests in the database: consume, create-or-reuse, decide, withdraw, expire, escalate.
 
-The gate, the approvals API and the dashboard all go through these functions, so one set of
-rules holds everywhere. None of them commits: the caller owns the transaction.
+The gate, the approvals API, the dashboard and the worker all go through these functions, so one
+set of rules holds everywhere. None of them commits: the caller owns the transaction.
+
+Every state change goes through record_event, which appends to the hash-chained event log
+(audit.py) and writes the webhook outbox (outbox.py) in the same transaction.
 """
 
 from __future__ import annotations
@@ -10,19 +13,24 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, false, or_, select, update
+from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from . import events
+from . import audit, events, outbox
 from .auth import Caller, deciding_levels
 from .errors import ApiError
 from .extensions import db
 from .models import (
+    DECIDING_ROLES,
+    ApiToken,
     ApprovalEvent,
     ApprovalRequest,
     ApprovalScope,
     ApprovalStatus,
+    ApprovalVote,
     Membership,
+    User,
+    VoteDecision,
     Workspace,
     utcnow,
 )
@@ -55,10 +63,14 @@ class GateKey:
 def record_event(
     approval_id: int, kind: str, actor: str, detail: dict[str, Any] | None = None
 ) -> ApprovalEvent:
-    """Append to the event log and queue the live notification for after commit."""
-    entry = ApprovalEvent(approval_id=approval_id, kind=kind, actor=actor, detail=detail or {})
-    db.session.add(entry)
-    db.session.flush()
+    """Append to the hash-chained log, owe it to subscribed webhooks, and queue the live change.
+
+    All in the caller's transaction: the event, its notifications and the state change commit
+    or vanish together. Cost: the chain lock and head read (once per transaction), the insert,
+    and one INSERT ... SELECT for the webhooks.
+    """
+    entry = audit.append(approval_id, kind, actor, detail or {})
+    outbox.enqueue(approval_id, entry.id, kind, entry.created_at)
     events.queue_change(db.session(), events.ApprovalChange(approval_id, entry.id, kind))
     return entry
 
@@ -155,6 +167,7 @@ class NewRequest:
     context: dict[str, Any]
     chain: list[Workspace]  # nearest first
     idempotency_key: str | None = None
+    policy_version: str | None = None  # of the effective policy ``policy`` was resolved from
 
 
 def create_or_reuse_pending(
@@ -179,6 +192,13 @@ def create_or_reuse_pending(
         "created_at": now,
         "expires_at": now + new.policy.pending_ttl,
         "idempotency_key": new.idempotency_key,
+        "policy_version": new.policy_version,
+        "policy_terms": new.policy.terms(),
+        "approvals_required": new.policy.approvals_required,
+        "escalation_level": 0,
+        "escalate_at": now + new.policy.escalate_after
+        if new.policy.escalate_after is not None and len(new.chain) > 1
+        else None,
     }
     dialect = db.session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
@@ -226,8 +246,55 @@ def get_for_update(approval_id: int) -> ApprovalRequest:
     return request
 
 
+def terms_of(request: ApprovalRequest) -> ActionPolicy:
+    """The policy a request was created under (the built-in entry for rows older than that)."""
+    if request.policy_terms is None:
+        return policy_for(request.action)
+    return ActionPolicy.from_terms(request.action, request.summary, request.policy_terms)
+
+
+def requester_owner_id(request: ApprovalRequest) -> int | None:
+    """The human who owns the token that asked (an agent token's ``user``), if any."""
+    if request.requested_by_token_id is None:
+        return None
+    return db.session.execute(
+        select(ApiToken.user_id).where(ApiToken.id == request.requested_by_token_id)
+    ).scalar_one_or_none()
+
+
+def approvals_count(approval_id: int) -> int:
+    return db.session.execute(
+        select(func.count())
+        .select_from(ApprovalVote)
+        .where(
+            ApprovalVote.approval_id == approval_id,
+            ApprovalVote.decision == VoteDecision.APPROVE.value,
+        )
+    ).scalar_one()
+
+
+def has_approved(approval_id: int, user_id: int) -> bool:
+    return (
+        db.session.execute(
+            select(ApprovalVote.id).where(
+                ApprovalVote.approval_id == approval_id,
+                ApprovalVote.user_id == user_id,
+                ApprovalVote.decision == VoteDecision.APPROVE.value,
+            )
+        ).first()
+        is not None
+    )
+
+
 def decide(approval_id: int, caller: Caller, decision: str, reason: str | None) -> ApprovalRequest:
-    """Approve or deny a pending request: humans with owner/approver rights on it or above."""
+    """Vote on a pending request: humans with owner/approver rights on it or above.
+
+    Each vote is a row. The request is approved once ``approvals_required`` distinct humans
+    approved, and denied by the first denial. The row lock taken first serialises concurrent
+    voters, so no vote is lost or counted twice, and none lands after a denial. A second approval
+    by the same person is refused (409 already_voted) rather than silently ignored, so the
+    dashboard can say so.
+    """
     if not caller.is_human:
         raise ApiError(403, "forbidden", "only a human may decide an approval")
     now = utcnow()
@@ -240,23 +307,61 @@ def decide(approval_id: int, caller: Caller, decision: str, reason: str | None) 
         raise ApiError(
             409, "not_pending", f"approval {approval_id} is {request.status}", status=request.status
         )
+    terms = terms_of(request)
+    if terms.needs_reason(decision) and not reason:
+        raise ApiError(
+            422,
+            "validation_error",
+            f"reason: the policy needs a reason to {decision}",
+            field="reason",
+        )
+    approve = decision == "approve"
+    if approve and terms.forbid_requester_owner and requester_owner_id(request) == caller.user_id:
+        raise ApiError(
+            403,
+            "requester_owner",
+            "you own the token that asked; the policy needs someone else to approve",
+        )
+    if approve and has_approved(approval_id, caller.user_id):
+        raise ApiError(
+            409,
+            "already_voted",
+            "you already approved this request; it needs another person",
+            approvals_count=approvals_count(approval_id),
+            approvals_required=request.approvals_required,
+        )
+    db.session.add(
+        ApprovalVote(
+            approval_id=approval_id,
+            user_id=caller.user_id,
+            username=caller.name,
+            decision=VoteDecision.APPROVE.value if approve else VoteDecision.DENY.value,
+            level=levels[0],
+            reason=reason,
+            created_at=now,
+        )
+    )
+    db.session.flush()
+    detail: dict[str, Any] = {"reason": reason, "level": levels[0]}
+    if approve:
+        count = approvals_count(approval_id)
+        detail.update(approvals=count, required=request.approvals_required)
+        if count < request.approvals_required:
+            record_event(approval_id, "voted", caller.label, detail)
+            return request
     request.decided_at = now
     request.decided_by_user_id = caller.user_id
     request.decided_by_name = caller.name
     request.decided_level = levels[0]
     request.reason = reason
-    if decision == "approve":
+    if approve:
         request.status = APPROVED
-        request.approval_expires_at = now + policy_for(request.action).approval_ttl
+        request.approval_expires_at = now + terms.approval_ttl
     else:
         request.status = DENIED
+    request.escalate_at = None
     db.session.flush()
-    record_event(
-        approval_id,
-        "approved" if decision == "approve" else "denied",
-        caller.label,
-        {"reason": reason, "level": levels[0]},
-    )
+    record_event(approval_id, "approved" if approve else "denied", caller.label, detail)
     return request
 
 
@@ -297,6 +402,93 @@ def expire_due(now: datetime | None = None, limit: int = 500) -> int:
     for approval_id in ids:
         record_event(approval_id, "expired", "system")
     return len(ids)
+
+
+def expire_stale_approvals(now: datetime | None = None, limit: int = 500) -> int:
+    """Mark granted approvals past their usable window expired, one event each.
+
+    They already read as expired (effective_status) and cannot be consumed; this makes the
+    stored state and the event log say so. Safe with several workers, like expire_due.
+    """
+    now = now or utcnow()
+    stale = (
+        select(ApprovalRequest.id)
+        .where(ApprovalRequest.status == APPROVED, ApprovalRequest.approval_expires_at <= now)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = list(
+        db.session.execute(
+            update(ApprovalRequest)
+            .where(
+                ApprovalRequest.id.in_(stale.scalar_subquery()),
+                ApprovalRequest.status == APPROVED,
+            )
+            .values(status=EXPIRED)
+            .returning(ApprovalRequest.id)
+            .execution_options(synchronize_session=False)
+        ).scalars()
+    )
+    for approval_id in ids:
+        record_event(approval_id, "expired", "system", {"stage": "approved"})
+    return len(ids)
+
+
+def escalate_due(now: datetime | None = None, limit: int = 100) -> int:
+    """Escalate requests pending past their ``escalate_after`` one level up the tree.
+
+    The event names the ancestor now called upon and its approvers; webhooks subscribed to
+    "escalated" on the request's workspace or above receive it. The next escalation is due
+    ``escalate_after`` later, until the root. Rows are claimed FOR UPDATE SKIP LOCKED, and the
+    re-checked status means a request decided meanwhile is never escalated.
+    """
+    now = now or utcnow()
+    due = db.session.execute(
+        select(ApprovalRequest)
+        .where(
+            ApprovalRequest.status == PENDING,
+            ApprovalRequest.escalate_at.is_not(None),
+            ApprovalRequest.escalate_at <= now,
+            ApprovalRequest.expires_at > now,
+        )
+        .order_by(ApprovalRequest.escalate_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .execution_options(populate_existing=True)
+    ).scalars()
+    escalated = 0
+    for request in list(due):
+        top = len(request.workspace_path) - 1  # the root's level
+        level = min(request.escalation_level + 1, top)
+        target = request.workspace_path[top - level]  # the path is root-first
+        after = terms_of(request).escalate_after
+        request.escalation_level = level
+        request.escalate_at = now + after if after is not None and level < top else None
+        db.session.flush()
+        record_event(
+            request.id,
+            "escalated",
+            "system",
+            {
+                "level": level,
+                "workspace": {"id": target["id"], "name": target["name"]},
+                "approvers": approvers_of(target["id"]),
+            },
+        )
+        escalated += 1
+    return escalated
+
+
+def approvers_of(workspace_id: int) -> list[str]:
+    """Usernames holding an owner/approver role on the workspace itself."""
+    return list(
+        db.session.execute(
+            select(User.username)
+            .join(Membership, Membership.user_id == User.id)
+            .where(Membership.workspace_id == workspace_id, Membership.role.in_(DECIDING_ROLES))
+            .order_by(User.username)
+        ).scalars()
+    )
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -393,4 +585,22 @@ def to_json(request: ApprovalRequest, now: datetime | None = None) -> dict[str, 
         else None,
         "consumed_at": request.consumed_at.isoformat() if request.consumed_at else None,
         "status_url": url_for("api.get_approval", approval_id=request.id),
+        "approvals_required": request.approvals_required,
+        "approvals_count": sum(v.decision == VoteDecision.APPROVE.value for v in request.votes),
+        "votes": [vote_json(v) for v in request.votes],
+        "escalation_level": request.escalation_level,
+        "next_escalation_at": request.escalate_at.isoformat()
+        if request.escalate_at and request.status == PENDING
+        else None,
+        "policy_version": request.policy_version,
+    }
+
+
+def vote_json(vote: ApprovalVote) -> dict[str, Any]:
+    return {
+        "user": vote.username,
+        "decision": vote.decision,
+        "level": vote.level,
+        "reason": vote.reason,
+        "created_at": vote.created_at.isoformat(),
     }

@@ -40,6 +40,9 @@ class Caller:
     token_id: int | None = None
     user_id: int | None = None
     scope_workspace_id: int | None = None  # agent/service tokens issued for one subtree
+    # The human who owns an agent token (its ``user``): the policy may bar them from approving
+    # that agent's requests. Never grants anything: ``user_id`` stays None for agents.
+    owner_id: int | None = None
 
     @property
     def is_human(self) -> bool:
@@ -116,7 +119,11 @@ def caller_from_bearer(header: str | None) -> Caller:
             user_id=token.user_id,
         )
     return Caller(
-        kind=token.kind, name=token.name, token_id=token.id, scope_workspace_id=token.workspace_id
+        kind=token.kind,
+        name=token.name,
+        token_id=token.id,
+        scope_workspace_id=token.workspace_id,
+        owner_id=token.user_id,
     )
 
 

@@ -1,23 +1,25 @@
-"""Flask commands: users, tokens, policy, demo seed, and the periodic worker."""
+"""Flask commands: users, tokens, policy, audit, demo seed, and the periodic worker."""
 
 from __future__ import annotations
 
 import time
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import select
 
-from . import approvals
+from . import audit, outbox
+from . import worker as jobs
 from .auth import hash_password, issue_token
 from .extensions import db
 from .models import Membership, Role, TokenKind, User, Workspace
-from .policy import policy_table
+from .policy_file import EffectivePolicy, PolicyError, load_policy
 
 users_cli = AppGroup("users", help="Manage human users.")
 tokens_cli = AppGroup("tokens", help="Issue API tokens.")
 policy_cli = AppGroup("policy", help="Inspect the gated-action policy.")
+audit_cli = AppGroup("audit", help="Verify and export the tamper-evident event log.")
 
 
 @users_cli.command("create")
@@ -36,7 +38,11 @@ def create_user(name: str, password: str) -> None:
 @tokens_cli.command("issue")
 @click.option("--kind", type=click.Choice([k.value for k in TokenKind]), required=True)
 @click.option("--name", required=True, help="A label for humans, e.g. 'platform-agent'.")
-@click.option("--user", "username", help="The user a 'user' token belongs to.")
+@click.option(
+    "--user",
+    "username",
+    help="The user a 'user' token belongs to, or the human who owns an 'agent' token.",
+)
 @click.option("--workspace", "workspace_id", type=int, help="Scope the token to this subtree.")
 def issue_token_command(
     kind: str, name: str, username: str | None, workspace_id: int | None
@@ -61,13 +67,53 @@ def issue_token_command(
 
 @policy_cli.command("show")
 def policy_show() -> None:
-    """Print the gated-action map."""
-    rows = policy_table()
+    """Print the effective policy: the built-in map as tuned by COUNTERSIGN_POLICY, if set."""
+    effective: EffectivePolicy = current_app.extensions["countersign_policy"]
+    rows = effective.table()
     headers = list(rows[0])
     widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
     click.echo("  ".join(h.ljust(widths[h]) for h in headers))
     for row in rows:
         click.echo("  ".join(row[h].ljust(widths[h]) for h in headers))
+    subtree_rules = effective.subtree_rules()
+    if subtree_rules:
+        click.echo("")
+        click.echo("subtree rules (the nearest subtree wins):")
+        for line in subtree_rules:
+            click.echo(f"  {line}")
+    click.echo("")
+    click.echo(f"source: {effective.source}; version {effective.version}")
+
+
+@policy_cli.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+def policy_check(path: str) -> None:
+    """Validate a policy file against the built-in map; exit non-zero with the first error."""
+    try:
+        effective = load_policy(path)
+    except PolicyError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"{path}: ok ({len(effective.rules)} rule(s), version {effective.version})")
+
+
+@audit_cli.command("verify")
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Walk the event hash chain; exit non-zero naming the first broken event."""
+    status = audit.verify()
+    click.echo(status.message, err=not status.ok)
+    if not status.ok:
+        ctx.exit(1)
+
+
+@audit_cli.command("export")
+@click.option(
+    "--output", "-o", type=click.File("w"), default="-", help="File to write (default stdout)."
+)
+def audit_export(output) -> None:
+    """Write every event, with its hashes, as JSON Lines, oldest first."""
+    count = audit.export(output)
+    click.echo(f"exported {count} event(s)", err=True)
 
 
 @click.command("seed-demo")
@@ -127,18 +173,36 @@ def seed_demo(password: str) -> None:
 @click.option("--interval", default=5.0, show_default=True, help="Seconds between runs.")
 @click.option("--once", is_flag=True, help="Run the jobs once and exit.")
 def worker(interval: float, once: bool) -> None:
-    """Run the periodic jobs: expire pending requests past their deadline."""
+    """Run the periodic jobs: expire requests and unused approvals, escalate, deliver webhooks.
+
+    Several workers may run at once: each row is claimed by one of them.
+    """
+    name = outbox.worker_id()
     while True:
-        expired = approvals.expire_due()
-        db.session.commit()
-        if expired:
-            click.echo(f"expired {expired} request(s)")
-        db.session.remove()
+        try:
+            report = jobs.run_once(current_app.config, name)
+        except Exception:
+            if once:
+                raise
+            current_app.logger.exception("worker run failed; retrying after the interval")
+        else:
+            for line in report.lines():
+                click.echo(line)
         if once:
             return
-        time.sleep(interval)
+        time.sleep(interval)  # the pause between runs, not a synchronisation
+
+
+@click.command("agent-tool")
+def agent_tool() -> None:
+    """Print the MCP-style tool description for agents (generated from the policy map)."""
+    import json
+
+    from .agent_tool import tool_description
+
+    click.echo(json.dumps(tool_description(), indent=2))
 
 
 def register_cli(app: Flask) -> None:
-    for command in (users_cli, tokens_cli, policy_cli, seed_demo, worker):
+    for command in (users_cli, tokens_cli, policy_cli, audit_cli, seed_demo, worker, agent_tool):
         app.cli.add_command(command)

@@ -40,7 +40,7 @@ def default_config(instance_path: str) -> dict:
         "COUNTERSIGN_POLICY": os.environ.get("COUNTERSIGN_POLICY") or None,
         # Webhook delivery (outbox.py): per-attempt timeout, tries before the dead letter,
         # backoff (doubling from BACKOFF seconds up to BACKOFF_CAP, with jitter), and the lease a
-        # worker holds on a message while posting it. 12 tries span about two hours and more.
+        # worker holds on a message while posting it. 12 tries span 1.7 to 3.4 hours (jitter).
         "COUNTERSIGN_WEBHOOK_TIMEOUT": 5.0,
         "COUNTERSIGN_WEBHOOK_MAX_ATTEMPTS": 12,
         "COUNTERSIGN_WEBHOOK_BACKOFF": 10.0,

@@ -91,6 +91,20 @@ def gate_destructive(action: str, *, describe: Describe):
     return decorator
 
 
+def not_gated(reason: str):
+    """Mark a DELETE view as deliberately outside the gate, saying why.
+
+    The structural test fails a DELETE route without @gate_destructive unless it carries this:
+    an exemption is a reviewed decision, never an omission.
+    """
+
+    def decorator(view):
+        view.gate_exempt = reason
+        return view
+
+    return decorator
+
+
 def _context(action: str, subject: GateSubject, caller: Caller) -> dict[str, Any]:
     return {
         "action": action,

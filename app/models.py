@@ -192,6 +192,13 @@ class ApprovalRequest(db.Model):
             postgresql_where=text("idempotency_key IS NOT NULL"),
             sqlite_where=text("idempotency_key IS NOT NULL"),
         ),
+        # The worker's "what is due for escalation?" scan: only pending rows that can still rise.
+        Index(
+            "ix_approval_requests_escalate_at",
+            "escalate_at",
+            postgresql_where=text("status = 'pending' AND escalate_at IS NOT NULL"),
+            sqlite_where=text("status = 'pending' AND escalate_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -223,6 +230,18 @@ class ApprovalRequest(db.Model):
     consumed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # The client's Idempotency-Key header, if it sent one: the same key may not name two requests.
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    # The effective policy the request was created under: its short hash, and the resolved terms
+    # (N approvals, reasons, TTLs, escalation), so a later policy change never moves the goalposts.
+    policy_version: Mapped[str | None] = mapped_column(String(16))
+    policy_terms: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    approvals_required: Mapped[int] = mapped_column(default=1, server_default=text("1"))
+    # 0 until the worker escalates it: then the level of the ancestor whose approvers were called.
+    escalation_level: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    escalate_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    votes: Mapped[list[ApprovalVote]] = relationship(
+        order_by="ApprovalVote.id", lazy="select", viewonly=True
+    )
 
 
 class ApprovalScope(db.Model):
@@ -245,9 +264,15 @@ class ApprovalScope(db.Model):
 
 
 class ApprovalEvent(db.Model):
-    """Append-only log of every state change of an approval request."""
+    """Append-only log of every state change of an approval request, as a hash chain.
+
+    Each row stores the hash of its canonical content and of the previous row's hash (audit.py),
+    so editing, deleting or reordering a row breaks the chain at that row.
+    """
 
     __tablename__ = "approval_events"
+    # Two events naming the same predecessor would be a fork: the database refuses it outright.
+    __table_args__ = (UniqueConstraint("prev_hash"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
     approval_id: Mapped[int] = mapped_column(
@@ -257,3 +282,121 @@ class ApprovalEvent(db.Model):
     actor: Mapped[str] = mapped_column(String(160))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class VoteDecision(enum.StrEnum):
+    APPROVE = "approve"
+    DENY = "deny"
+
+
+class ApprovalVote(db.Model):
+    """One human's decision on a request: N distinct approvals approve it, one denial ends it."""
+
+    __tablename__ = "approval_votes"
+    __table_args__ = (
+        CheckConstraint(f"decision IN ({_in(VoteDecision)})", name="decision_known"),
+        # The same person never counts twice, even if two of their clicks race.
+        Index(
+            "uq_approval_votes_approver",
+            "approval_id",
+            "user_id",
+            unique=True,
+            postgresql_where=text("decision = 'approve'"),
+            sqlite_where=text("decision = 'approve'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    approval_id: Mapped[int] = mapped_column(
+        ForeignKey("approval_requests.id", ondelete="CASCADE"), index=True
+    )
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id", ondelete="SET NULL"))
+    username: Mapped[str] = mapped_column(String(64))
+    decision: Mapped[str] = mapped_column(String(8))
+    # 0: a member of the request's workspace; 1: of its parent; and so on up the tree.
+    level: Mapped[int]
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class WebhookFormat(enum.StrEnum):
+    JSON = "json"
+    SLACK = "slack"
+
+
+class Webhook(db.Model):
+    """A receiver of signed notifications for requests in a workspace's subtree."""
+
+    __tablename__ = "webhooks"
+    __table_args__ = (CheckConstraint(f"format IN ({_in(WebhookFormat)})", name="format_known"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    workspace_id: Mapped[int] = mapped_column(
+        ForeignKey("workspaces.id", ondelete="CASCADE"), index=True
+    )
+    url: Mapped[str] = mapped_column(String(2048))
+    format: Mapped[str] = mapped_column(String(8), default=WebhookFormat.JSON.value)
+    # One bit per event kind (outbox.EVENT_BITS): the outbox insert filters with a bitwise AND.
+    event_mask: Mapped[int]
+    # The HMAC key: kept in clear because signing needs it; shown to the creator once.
+    secret: Mapped[str] = mapped_column(String(128))
+    created_by: Mapped[str] = mapped_column(String(160))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxStatus(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class OutboxMessage(db.Model):
+    """One event owed to one webhook; written in the transaction that made the event."""
+
+    __tablename__ = "outbox_messages"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_in(OutboxStatus)})", name="status_known"),
+        UniqueConstraint("webhook_id", "event_id"),
+        # The worker's claim scan: only undelivered rows, by when they are due.
+        Index(
+            "ix_outbox_messages_due",
+            "next_attempt_at",
+            postgresql_where=text("status = 'pending'"),
+            sqlite_where=text("status = 'pending'"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)  # sent as X-Countersign-Delivery
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"))
+    event_id: Mapped[int] = mapped_column(
+        ForeignKey("approval_events.id", ondelete="CASCADE"), index=True
+    )
+    status: Mapped[str] = mapped_column(String(16), default=OutboxStatus.PENDING.value)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # A worker's claim: another worker takes the row over only once the lease has run out.
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class OutboxAttempt(db.Model):
+    """The delivery log: one row per HTTP attempt, with its status code or error."""
+
+    __tablename__ = "outbox_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        ForeignKey("outbox_messages.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int]
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    duration_ms: Mapped[int]
+    status_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str] = mapped_column(String(128))

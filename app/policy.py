@@ -1,6 +1,8 @@
 """The one auditable map of gated actions, and pure functions over it (no Flask, no database).
 
 Changing what needs a human countersignature means changing ``POLICY`` below, and nothing else.
+A deployment may tighten it (per action, per workspace subtree) with a policy file, but never
+loosen it below these entries unless the file says so explicitly: see policy_file.py.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 AGENT = "agent"
+DECISIONS = ("approve", "deny")
 
 
 @dataclass(frozen=True)
@@ -24,12 +27,53 @@ class ActionPolicy:
     gated_kinds: frozenset[str] = frozenset({AGENT})
     pending_ttl: timedelta = timedelta(hours=24)
     approval_ttl: timedelta = timedelta(minutes=15)
+    # Distinct humans who must approve; one denial ends the request whatever this says.
+    approvals_required: int = 1
+    # Decisions that must carry a reason: a denial always explains itself to the agent.
+    reason_required: frozenset[str] = frozenset({"deny"})
+    # Pending this long, the request is escalated one level up the workspace tree (None: never).
+    escalate_after: timedelta | None = None
+    # The human owning the asking agent's token may not approve that agent's request.
+    forbid_requester_owner: bool = False
 
     def gates(self, caller_kind: str) -> bool:
         return caller_kind in self.gated_kinds
 
     def describe(self, fields: dict[str, Any]) -> str:
         return self.summary.format_map(fields)
+
+    def needs_reason(self, decision: str) -> bool:
+        return decision in self.reason_required
+
+    def terms(self) -> dict[str, Any]:
+        """The decision terms as plain JSON: stored on each request, hashed into the version."""
+        return {
+            "gated_kinds": sorted(self.gated_kinds),
+            "pending_ttl": int(self.pending_ttl.total_seconds()),
+            "approval_ttl": int(self.approval_ttl.total_seconds()),
+            "approvals_required": self.approvals_required,
+            "reason_required": sorted(self.reason_required),
+            "escalate_after": int(self.escalate_after.total_seconds())
+            if self.escalate_after is not None
+            else None,
+            "forbid_requester_owner": self.forbid_requester_owner,
+        }
+
+    @classmethod
+    def from_terms(cls, action: str, summary: str, terms: dict[str, Any]) -> ActionPolicy:
+        """Rebuild the policy a request was created under from its stored terms."""
+        escalate = terms.get("escalate_after")
+        return cls(
+            action,
+            summary,
+            gated_kinds=frozenset(terms["gated_kinds"]),
+            pending_ttl=timedelta(seconds=terms["pending_ttl"]),
+            approval_ttl=timedelta(seconds=terms["approval_ttl"]),
+            approvals_required=terms["approvals_required"],
+            reason_required=frozenset(terms["reason_required"]),
+            escalate_after=timedelta(seconds=escalate) if escalate is not None else None,
+            forbid_requester_owner=terms["forbid_requester_owner"],
+        )
 
 
 def _policy(*entries: ActionPolicy) -> dict[str, ActionPolicy]:

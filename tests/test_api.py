@@ -58,7 +58,13 @@ def gate_problems(app: Flask) -> list[str]:
         action = getattr(app.view_functions[rule.endpoint], "gate_action", None)
         if action is not None and action not in POLICY:
             problems.append(f"{rule.rule} names unknown action {action!r}")
-        if rule.rule.startswith("/api") and "DELETE" in (rule.methods or ()) and action is None:
+        exempt = getattr(app.view_functions[rule.endpoint], "gate_exempt", None)  # @not_gated
+        if (
+            rule.rule.startswith("/api")
+            and "DELETE" in (rule.methods or ())
+            and action is None
+            and not exempt
+        ):
             problems.append(f"DELETE {rule.rule} has no gate")
     return problems
 

@@ -125,6 +125,33 @@ ROUTES = [
         "/api/approvals/{approval}/withdraw",
         everyone(403, agent_in_scope=200),
     ),
+    # Webhooks: owners and service tokens only, never an agent (it must not silence its own
+    # notifications). Webhook 999999 does not exist: the service gets past authorization to 404.
+    Route(
+        "POST",
+        "/api/workspaces/<id:workspace_id>/webhooks",
+        "/api/workspaces/{api}/webhooks",
+        everyone(403, service=201),
+        {"url": "https://hooks.example.com/cs", "events": ["created"]},
+    ),
+    Route(
+        "GET",
+        "/api/workspaces/<id:workspace_id>/webhooks",
+        "/api/workspaces/{api}/webhooks",
+        everyone(403, service=200),
+    ),
+    Route(
+        "DELETE",
+        "/api/workspaces/<id:workspace_id>/webhooks/<id:webhook_id>",
+        "/api/workspaces/{api}/webhooks/999999",
+        everyone(403, service=404),
+    ),
+    Route(
+        "GET",
+        "/api/workspaces/<id:workspace_id>/webhooks/<id:webhook_id>/deliveries",
+        "/api/workspaces/{api}/webhooks/999999/deliveries",
+        everyone(403, service=404),
+    ),
     Route("GET", "/api/openapi.json", "/api/openapi.json", {c: 200 for c in CALLERS}),
     Route("GET", "/api/docs", "/api/docs", {c: 200 for c in CALLERS}),
     Route("GET", "/metrics", "/metrics", everyone(403, service=200)),

@@ -58,4 +58,4 @@ def query_flag(name: str) -> bool:
     raise ApiError(400, "bad_request", f"{name} must be true or false", field=name)
 
 
-from . import approvals, members, secrets, tokens, workspaces  # noqa: E402, F401  (routes)
+from . import approvals, members, secrets, tokens, webhooks, workspaces  # noqa: E402, F401  (routes)

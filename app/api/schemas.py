@@ -36,10 +36,14 @@ class SecretPut(Strict):
 class TokenCreate(Strict):
     model_config = ConfigDict(
         json_schema_extra={
-            # A user token names its user; other kinds name none.
+            # A user token names its user; an agent token may name its human owner; a service
+            # token names none.
             "if": {"properties": {"kind": {"const": "user"}}},
             "then": {"required": ["user"], "properties": {"user": {"type": "string"}}},
-            "else": {"properties": {"user": {"type": "null"}}},
+            "else": {
+                "if": {"properties": {"kind": {"const": "service"}}},
+                "then": {"properties": {"user": {"type": "null"}}},
+            },
         }
     )
 
@@ -162,6 +166,14 @@ class Requester(BaseModel):
     name: str
 
 
+class VoteOut(BaseModel):
+    user: str
+    decision: Literal["approve", "deny"]
+    level: int
+    reason: str | None
+    created_at: Timestamp
+
+
 class ApprovalOut(BaseModel):
     id: int
     status: Literal["pending", "approved", "denied", "expired", "consumed", "withdrawn"]
@@ -181,6 +193,12 @@ class ApprovalOut(BaseModel):
     approval_expires_at: Timestamp | None
     consumed_at: Timestamp | None
     status_url: str
+    approvals_required: int = Field(description="Distinct human approvals the policy needs")
+    approvals_count: int
+    votes: list[VoteOut]
+    escalation_level: int = Field(description="0, or the level of the ancestor escalated to")
+    next_escalation_at: Timestamp | None
+    policy_version: str | None = Field(description="Short hash of the policy it was made under")
 
 
 class ApprovalEventOut(BaseModel):
@@ -197,3 +215,74 @@ class ApprovalDetail(ApprovalOut):
 
 class ApprovalList(BaseModel):
     approvals: list[ApprovalOut]
+
+
+# ---- webhooks ----------------------------------------------------------------------------------
+
+WEBHOOK_EVENTS = (
+    "created",
+    "voted",
+    "escalated",
+    "approved",
+    "denied",
+    "decided",
+    "consumed",
+    "expired",
+    "withdrawn",
+)
+
+
+class WebhookCreate(Strict):
+    """A receiver for the workspace's subtree; "decided" means approved and denied."""
+
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    events: Annotated[
+        list[Literal[WEBHOOK_EVENTS]],  # type: ignore[valid-type]
+        Field(min_length=1, max_length=len(WEBHOOK_EVENTS)),
+    ]
+    format: Literal["json", "slack"] = "json"
+
+
+class WebhookOut(BaseModel):
+    id: int
+    workspace_id: int
+    url: str
+    format: Literal["json", "slack"]
+    events: list[str]
+    created_by: str
+    created_at: Timestamp
+
+
+class WebhookCreated(WebhookOut):
+    secret: str = Field(description="The HMAC signing secret: shown once, never again.")
+
+
+class WebhookList(BaseModel):
+    webhooks: list[WebhookOut]
+
+
+class DeliveryAttemptOut(BaseModel):
+    attempt: int
+    started_at: Timestamp
+    duration_ms: int
+    status_code: int | None
+    error: str | None
+
+
+class DeliveryOut(BaseModel):
+    id: int = Field(description="Sent as X-Countersign-Delivery; the same on every retry")
+    event_id: int
+    event: str
+    approval_id: int
+    status: Literal["pending", "delivered", "dead"]
+    attempts: int
+    next_attempt_at: Timestamp | None
+    delivered_at: Timestamp | None
+    last_status_code: int | None
+    last_error: str | None
+    created_at: Timestamp
+    log: list[DeliveryAttemptOut]
+
+
+class DeliveryList(BaseModel):
+    deliveries: list[DeliveryOut]

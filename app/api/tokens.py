@@ -68,10 +68,13 @@ def describe_token_mint(**_: Any) -> GateSubject | None:
         if body.workspace_id is not None:
             require_workspace(caller, body.workspace_id, Access.READ)
         chain: list[Workspace] = []
+    elif body.kind == TokenKind.AGENT.value:
+        user = _agent_owner(caller, body.user)
+        chain = _scope_chain(caller, body.workspace_id)
     else:
         if body.user is not None:
             raise ApiError(
-                422, "validation_error", "user: only user tokens belong to a user", field="user"
+                422, "validation_error", "user: a service token belongs to no user", field="user"
             )
         chain = _scope_chain(caller, body.workspace_id)
     g.token_user = user
@@ -92,6 +95,27 @@ def describe_token_mint(**_: Any) -> GateSubject | None:
             "token_name": body.name,
             "token_scope": f"workspace {body.workspace_id}" if body.workspace_id else "everything",
         },
+    )
+
+
+def _agent_owner(caller: Caller, username: str | None) -> User | None:
+    """The human owning a new agent token: named in ``user``, or inherited from a minting agent.
+
+    Ownership only restricts (a policy may bar the owner from approving the agent's requests),
+    so the owner must be the minting human, the minting agent's own owner, or be named by a
+    service token; an owned agent's tokens stay owned, so it cannot launder its requests.
+    """
+    if username is None:
+        return db.session.get(User, caller.owner_id) if caller.owner_id is not None else None
+    user = db.session.execute(select(User).where(User.username == username)).scalar_one_or_none()
+    if user is None:
+        raise ApiError(404, "not_found", f"user {username!r} not found")
+    if caller.kind == TokenKind.SERVICE.value or user.id in (caller.user_id, caller.owner_id):
+        return user
+    raise ApiError(
+        403,
+        "forbidden",
+        "an agent token's owner must be you (or your own owner); a service token may name anyone",
     )
 
 
