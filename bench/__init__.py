@@ -1,0 +1,1 @@
+"""Benchmarks: gate overhead, races, scale, throughput and a soak, against gunicorn + PostgreSQL."""
