@@ -590,7 +590,7 @@ def to_json(request: ApprovalRequest, now: datetime | None = None) -> dict[str, 
         "votes": [vote_json(v) for v in request.votes],
         "escalation_level": request.escalation_level,
         "next_escalation_at": request.escalate_at.isoformat()
-        if request.escalate_at and request.status == PENDING
+        if request.escalate_at and effective_status(request, now) == PENDING
         else None,
         "policy_version": request.policy_version,
     }

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import os
@@ -318,7 +319,7 @@ def post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> _Out
     except urllib.error.HTTPError as failure:
         status, error = failure.code, f"HTTP {failure.code}"
         failure.close()
-    except (urllib.error.URLError, OSError, ValueError) as failure:
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as failure:
         reason = getattr(failure, "reason", failure)
         error = f"{type(failure).__name__}: {reason}"[:500]
     return _Outcome(status, error, int((time.monotonic() - started) * 1000))
