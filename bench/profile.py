@@ -12,37 +12,27 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-# Leaf frames outside the app are grouped by the library they belong to.
-PACKAGES = [
-    ("sqlalchemy", "sqlalchemy"),
-    ("psycopg", "psycopg"),
-    ("werkzeug", "werkzeug"),
-    ("flask_sqlalchemy", "flask_sqlalchemy"),
-    ("flask_limiter", "flask_limiter"),
-    ("limits", "flask_limiter"),
-    ("flask_wtf", "flask_wtf"),
-    ("flask", "flask"),
-    ("gunicorn", "gunicorn"),
-    ("jinja2", "jinja2"),
-    ("pythonjsonlogger", "logging"),
-    ("prometheus_client", "prometheus_client"),
-    ("pydantic", "pydantic"),
-    ("simple_websocket", "websocket"),
-    ("/logging/", "logging"),
-    ("/json/", "json"),
-    ("/email/", "stdlib"),
-    ("/http/", "stdlib"),
-]
+# Frames outside the app are grouped by their top-level package (site-packages) or, for the
+# standard library, by a few modules worth naming; some packages are reported with a friend.
+ALIASES = {
+    "limits": "flask_limiter",
+    "pythonjsonlogger": "logging",
+    "simple_websocket": "websocket",
+}
+STDLIB = (("/logging/", "logging"), ("/json/", "json"), ("/http/", "http"), ("/email/", "email"))
+# Packages whose frames name the framework work no app frame asked for (teardown, routing, ...).
+FRAMEWORK = ("flask_sqlalchemy", "flask_limiter", "flask_wtf", "flask", "werkzeug", "gunicorn")
 
 
 def package_of(filename: str, app_dir: str) -> str:
     if filename.startswith(app_dir):
         return "app"
-    for needle, name in PACKAGES:
-        if f"/{needle}" in filename or needle in filename:
+    if "site-packages/" in filename:
+        top = filename.split("site-packages/", 1)[1].split("/", 1)[0].removesuffix(".py")
+        return ALIASES.get(top, top)
+    for needle, name in STDLIB:
+        if needle in filename:
             return name
-    if "site-packages" in filename:
-        return filename.split("site-packages/")[1].split("/")[0]
     return "stdlib/other"
 
 
@@ -75,10 +65,15 @@ def summarise(path: Path, app_dir: str, top: int = 5) -> dict[str, Any]:
                 if f_file.startswith(app_dir):
                     site = f"{f_short.removesuffix('.py').replace('/', '.')}.{f_name}"
                     break
-            if site is None:
-                outer = [package_of(labels[i][1], app_dir) for i in stack]
-                where = next((p for p in outer if p not in ("stdlib/other",)), "stdlib/other")
-                site = f"(no app frame) {where}"
+            if site is None:  # framework work around the views: name its innermost entry
+                for index in reversed(stack):
+                    f_name, f_file, _, _ = labels[index]
+                    package = package_of(f_file, app_dir)
+                    if package in FRAMEWORK:
+                        site = f"(framework) {package} {f_name}"
+                        break
+                else:
+                    site = "(incomplete stack: py-spy could not unwind it)"
             by_app_site[f"{site} -> {leaf_package}"] += weight
             seen = set()
             for index in stack:
@@ -96,7 +91,14 @@ def summarise(path: Path, app_dir: str, top: int = 5) -> dict[str, Any]:
 
     return {
         "sampled_seconds": round(total, 1),
-        "top_costs": share(by_app_site, top),
+        "top_costs": [
+            entry
+            for entry in share(by_app_site, top + 5)
+            if not entry["what"].startswith("(incomplete")
+        ][:top],
+        "unattributed_share": round(
+            sum(v for k, v in by_app_site.items() if k.startswith("(incomplete")) / total, 3
+        ),
         "by_package_self": share(by_package, 12),
         "top_self": share(self_time, 12),
         "top_inclusive_app": share(inclusive_app, 15),

@@ -183,7 +183,9 @@ def table(results: dict[str, Any]) -> str:
                 "throughput ceiling (agent→approve→retry)",
                 f"{tp['ceiling_cycles_per_s']:.0f} cycles/s "
                 f"({tp['ceiling_http_requests_per_s']:.0f} req/s) at concurrency "
-                f"{tp['ceiling_concurrency']}, cycle p50 {tp['ceiling_cycle_p50_ms']:.0f} ms",
+                f"{tp['ceiling_concurrency']}, cycle p50 {tp['ceiling_cycle_p50_ms']:.0f} ms; "
+                f"knee: {tp.get('knee_cycles_per_s', 0):.0f} cycles/s at concurrency "
+                f"{tp.get('knee_concurrency')}, p50 {tp.get('knee_cycle_p50_ms', 0):.0f} ms",
             )
         )
         costs = tp.get("profile", {}).get("top_costs")
@@ -273,6 +275,7 @@ def main() -> int:
             section = {"error": repr(error), "traceback": traceback.format_exc()[-3000:]}
             failed.append(name)
         section["section_seconds"] = round(time.monotonic() - started, 1)
+        section["measured_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         results[KEYS[name]] = section
         if name == "race" and not section.get("exactly_once", False):
             failed.append("race (not exactly once)")

@@ -48,7 +48,7 @@ STATUS_CASE = """CASE
     ELSE 'consumed' END"""
 # What each column gets; columns the table lacks are skipped, NOT NULL columns missing here fail.
 HISTORY_COLUMNS = {
-    "workspace_id": "1000 + (g * 7919) % 5000",
+    "workspace_id": "1000 + (g::bigint * 7919) % 5000",
     "action": f"({ACTIONS})[1 + g % 6]",
     "request_hash": "md5(g::text) || md5((g + 1)::text)",
     "summary": "'historical request ' || g",

@@ -207,8 +207,17 @@ def run(
                 falling += 1
                 if falling == 2:
                     break
+        # The knee: the lowest concurrency within 10% of the best rate (more only adds queueing).
+        knee = (
+            min(
+                (s for s in results if not s["errors"]),
+                key=lambda s: (s["cycles_per_s"] < 0.9 * best["cycles_per_s"], s["concurrency"]),
+            )
+            if best
+            else None
+        )
         profiled = (
-            profile_step(server, cycles, best["concurrency"], profile_seconds)
+            profile_step(server, cycles, knee["concurrency"], profile_seconds)
             if do_profile and best
             else {"skipped": "not requested" if not do_profile else "no error-free step"}
         )
@@ -221,6 +230,9 @@ def run(
         "ceiling_concurrency": best["concurrency"] if best else None,
         "ceiling_cycle_p50_ms": best["cycle_latency"]["p50_ms"] if best else None,
         "ceiling_cpu_ms_per_cycle": best["cpu_ms_per_cycle"] if best else None,
+        "knee_concurrency": knee["concurrency"] if knee else None,
+        "knee_cycles_per_s": knee["cycles_per_s"] if knee else None,
+        "knee_cycle_p50_ms": knee["cycle_latency"]["p50_ms"] if knee else None,
         "steps": results,
         "profile": profiled,
     }
