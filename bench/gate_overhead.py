@@ -164,7 +164,10 @@ def measure_http(
                 for part in ("gunicorn_workers", "postgresql")
             },
         }
+    base_cpu = sum(results["baseline"]["cpu_ms_per_request"].values())
     for scenario in plan:
+        cpu = sum(results[scenario.name]["cpu_ms_per_request"].values())
+        results[scenario.name]["cpu_ratio_to_baseline"] = round(cpu / base_cpu, 3)
         mine, base = samples[scenario.name], samples["baseline"]
         results[scenario.name]["rate_ratio_to_baseline"] = round(
             median([m.rate / b.rate for m, b in zip(mine, base, strict=True)]), 3
@@ -185,7 +188,8 @@ def measure_http(
         "concurrency": concurrency,
         "rounds": rounds,
         "requests_per_round": per_round,
-        "ratios": "median over rounds of (scenario / baseline) measured in the same round",
+        "ratios": "req/s and p50: median over rounds of (scenario / baseline) measured in the "
+        "same round; cpu: (workers + PostgreSQL CPU per request) / the baseline's",
         "scenarios": results,
     }
 

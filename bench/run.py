@@ -127,8 +127,9 @@ def table(results: dict[str, Any]) -> str:
                         f"gate: {name}",
                         f"{x['req_per_s']:.0f} req/s, p50 {x['p50_ms']:.1f} ms, "
                         f"p99 {x['p99_ms']:.1f} ms; x{x['rate_ratio_to_baseline']:.2f} "
-                        f"baseline req/s; {x['cpu_ms_per_request']['gunicorn_workers']:.2f} ms "
-                        "worker CPU/req",
+                        f"baseline req/s; CPU/req {x['cpu_ms_per_request']['gunicorn_workers']:.2f}"
+                        f" ms workers + {x['cpu_ms_per_request']['postgresql']:.2f} ms PostgreSQL"
+                        f" = x{x.get('cpu_ratio_to_baseline', float('nan')):.2f} baseline",
                     )
                 )
         per = gate.get("statements", {}).get("requests", {})

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the benchmarks (bench/run.py) on a throwaway PostgreSQL and gunicorn, loopback only:
-# writes bench/results.json and the table in bench/README.md. About 10-15 minutes in full.
+# writes bench/results.json and the table in bench/README.md. About 7 minutes in full.
 #   scripts/bench.sh                       everything
 #   scripts/bench.sh --only gate,race      a subset (the other sections of results.json stay)
 #   scripts/bench.sh --quick               small sizes: checks the scripts work (~1.5 min)
