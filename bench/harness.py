@@ -295,7 +295,7 @@ class Server:
     def describe(self) -> str:
         return (
             f"gunicorn --workers {self.workers} --worker-class gthread --threads {self.threads}"
-            " --timeout 0 --keep-alive 10 bench.wsgi:app"
+            " --timeout 0 --keep-alive 10 --backlog 2048 bench.wsgi:app"
         )
 
     def start(self, timeout: float = 60) -> Server:
