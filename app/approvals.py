@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import and_, false, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from . import audit, events, outbox
+from . import audit, events, metrics, outbox
 from .auth import Caller, deciding_levels
 from .errors import ApiError
 from .extensions import db
@@ -362,6 +362,7 @@ def decide(approval_id: int, caller: Caller, decision: str, reason: str | None) 
     request.escalate_at = None
     db.session.flush()
     record_event(approval_id, "approved" if approve else "denied", caller.label, detail)
+    metrics.observe_decision(request.action, decision, (now - request.created_at).total_seconds())
     return request
 
 

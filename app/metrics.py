@@ -7,7 +7,7 @@ database and the process's hub at scrape time.
 
 from __future__ import annotations
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, current_app, g, has_app_context, request
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -109,6 +109,12 @@ def current() -> Metrics:
 
 def record_gate(action: str, outcome: str) -> None:
     current().gate_outcomes.labels(action=action, outcome=outcome).inc()
+
+
+def observe_decision(action: str, decision: str, seconds: float) -> None:
+    """Time from a request's creation to its final human decision (outside a request: no-op)."""
+    if has_app_context():
+        current().decision_seconds.labels(action=action, decision=decision).observe(seconds)
 
 
 def metrics_view() -> Response:

@@ -6,6 +6,7 @@ import time
 
 from flask import current_app, g, request
 from sqlalchemy import select
+from sqlalchemy.orm import selectinload
 
 from .. import approvals, events
 from ..errors import ApiError
@@ -32,7 +33,11 @@ def _int_arg(name: str, default: int, low: int, high: int) -> int:
 def list_approvals():
     """Approval requests the caller may see, newest first; ?status=, ?workspace_id=, ?limit=."""
     now = utcnow()
-    query = select(ApprovalRequest).where(approvals.visible_to(g.caller))
+    query = (
+        select(ApprovalRequest)
+        .where(approvals.visible_to(g.caller))
+        .options(selectinload(ApprovalRequest.votes))  # one query for all rows' votes
+    )
     status = request.args.get("status")
     if status:
         if status not in STATUSES:

@@ -232,10 +232,16 @@ WEBHOOK_EVENTS = (
 )
 
 
+PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}|0)"
+WEBHOOK_URL = rf"^https?://[A-Za-z0-9.-]+(?::{PORT})?(?:[/?#][!-~]*)?$"
+
+
 class WebhookCreate(Strict):
     """A receiver for the workspace's subtree; "decided" means approved and denied."""
 
-    url: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    # http(s), a plain host (no credentials), an optional valid port, printable ASCII after it;
+    # app/outbox.validate_target checks the same, the pattern tells clients and fuzzers.
+    url: Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=WEBHOOK_URL)]
     events: Annotated[
         list[Literal[WEBHOOK_EVENTS]],  # type: ignore[valid-type]
         Field(min_length=1, max_length=len(WEBHOOK_EVENTS)),

@@ -99,7 +99,7 @@ def locked_subtree_ids(workspace_id: int) -> list[int]:
 
 def subtree_description(workspace_id: int) -> list[dict[str, Any]]:
     """The workspaces a delete would remove, parents before children."""
-    ids = locked_subtree_ids(workspace_id)
+    ids = subtree_ids(workspace_id)
     rows = db.session.execute(select(Workspace).where(Workspace.id.in_(ids)).order_by(Workspace.id))
     return [{"id": ws.id, "name": ws.name, "parent_id": ws.parent_id} for ws in rows.scalars()]
 
@@ -115,6 +115,7 @@ def describe_workspace_delete(workspace_id: int) -> GateSubject:
             "this workspace has children; pass ?recursive=true to delete the subtree",
         )
     # The subtree is part of the hash: an approval to delete 3 workspaces cannot delete 4.
+    g.described_subtree = {ws["id"] for ws in subtree}
     return GateSubject(
         chain=chain,
         target={"workspace_id": workspace_id, "recursive": recursive, "subtree": subtree},
@@ -130,6 +131,10 @@ def describe_workspace_delete(workspace_id: int) -> GateSubject:
 @gate_destructive("workspace.delete", describe=describe_workspace_delete)
 def delete_workspace(workspace_id: int):
     """Delete a workspace (and, with ?recursive=true, its subtree)."""
+    # Lock what goes and check it is what was described (and, if gated, approved): a child
+    # created in between would otherwise be deleted by the cascade without anyone's consent.
+    if set(locked_subtree_ids(workspace_id)) != g.described_subtree:
+        raise ApiError(409, "subtree_changed", "the subtree changed while deleting; retry")
     # ON DELETE CASCADE takes the subtree, its secrets, members and tokens with it.
     db.session.execute(delete(Workspace).where(Workspace.id == workspace_id))
     db.session.commit()
