@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
 from openapi_spec_validator import validate
@@ -45,7 +44,9 @@ def test_gated_operations_match_the_gates_on_the_views(app, client):
     adapter = app.url_map.bind("localhost")
     for path, operations in paths.items():
         for method, operation in operations.items():
-            concrete = re.sub(r"{[^}]*_id}", "1", path).replace("{name}", "X").replace("{username}", "u")
+            concrete = (
+                re.sub(r"{[^}]*_id}", "1", path).replace("{name}", "X").replace("{username}", "u")
+            )
             endpoint, _ = adapter.match(concrete, method=method.upper())
             view = app.view_functions[endpoint]
             assert operation.get("x-countersign-gate") == getattr(view, "gate_action", None), path
