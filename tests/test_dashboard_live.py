@@ -221,3 +221,24 @@ def test_sockets_of_one_process_share_one_read_per_change(app, world, ask, monke
         sent = [feed.apply([change], utcnow()) for feed in feeds]
     assert len(loads) == 1
     assert sum(f'id="approval-{approval_id}"' in message for message in sent) == 3
+
+
+def test_open_sockets_count_and_wait():
+    from app.dashboard.live import OpenSockets
+
+    sockets = OpenSockets()
+    assert sockets.wait_closed(timeout=0)
+    entered, leave = threading.Event(), threading.Event()
+
+    def handler():
+        with sockets.track():
+            entered.set()
+            leave.wait(5)
+
+    thread = threading.Thread(target=handler)
+    thread.start()
+    assert entered.wait(5) and sockets.count == 1
+    assert not sockets.wait_closed(timeout=0)
+    leave.set()
+    assert sockets.wait_closed(timeout=5) and sockets.count == 0
+    thread.join(5)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -90,6 +91,43 @@ class _Slot:
     def value(self, value: Snapshot | None) -> None:
         self._value = value
         self.loaded = True
+
+
+class OpenSockets:
+    """How many dashboard sockets this process holds open; lets a caller wait for none.
+
+    A handler thread can outlive its server (werkzeug's are daemon threads), so whoever
+    disposes the database engine first waits here until every handler has let go of it.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._open = 0
+
+    @contextmanager
+    def track(self) -> Iterator[None]:
+        with self._changed:
+            self._open += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._open -= 1
+                self._changed.notify_all()
+
+    @property
+    def count(self) -> int:
+        with self._changed:
+            return self._open
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self._open == 0, timeout)
+
+
+def open_sockets(app) -> OpenSockets:
+    """The app's socket counter (one per process; dict.setdefault is atomic)."""
+    return app.extensions.setdefault("countersign_live_sockets", OpenSockets())
 
 
 def shared_cache() -> SnapshotCache:
@@ -249,6 +287,11 @@ def _drain(subscription: events.Subscription, first: events.ApprovalChange):
 @sock.route("/ws", bp=bp)
 def live(ws):
     """Push this user's changes as OOB fragments; the full pending list on every (re)connect."""
+    with open_sockets(current_app).track():
+        _serve(ws)
+
+
+def _serve(ws) -> None:
     publisher = events.publisher_of(current_app)
     feed = Feed(current_caller(), LiveView.from_args(request.args), shared_cache())
     with publisher.hub.subscribe() as subscription:
@@ -265,6 +308,8 @@ def live(ws):
             deadline = feed.seconds_to_next_deadline(now)
             wait = IDLE_POLL_SECONDS if deadline is None else min(deadline, IDLE_POLL_SECONDS)
             change = subscription.get(timeout=wait)
+            if not ws.connected:
+                return  # the page left while we waited: nothing to render for it
             now = utcnow()
             try:
                 if change is None:

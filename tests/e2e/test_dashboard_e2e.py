@@ -9,6 +9,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from app.dashboard.live import open_sockets
 from app.extensions import db
 from app.models import Secret
 from tests.e2e.support import agent_delete_secret
@@ -37,12 +38,20 @@ def browser() -> Iterator[Browser]:
 
 
 @pytest.fixture
-def open_dashboard(browser: Browser, live_server) -> Iterator:
+def server(app, live_server):
+    """The live server; at teardown, waits until every socket handler has let go of the
+    database (werkzeug's handler threads outlive the server, the engine is disposed next)."""
+    yield live_server
+    assert open_sockets(app).wait_closed(timeout=10)
+
+
+@pytest.fixture
+def open_dashboard(browser: Browser, server) -> Iterator:
     """Log in through the form in a fresh context; wait for the socket's first resync."""
     contexts = []
 
     def open_(username: str, password: str) -> Page:
-        context = browser.new_context(base_url=live_server.url)
+        context = browser.new_context(base_url=server.url)
         contexts.append(context)
         page = context.new_page()
         page.on("dialog", lambda dialog: dialog.accept())  # hx-confirm on Approve
@@ -69,7 +78,7 @@ def open_dashboard(browser: Browser, live_server) -> Iterator:
         context.close()
 
 
-def test_approve_live_with_isolation_and_history(app, live_server, world, open_dashboard):
+def test_approve_live_with_isolation_and_history(app, server, world, open_dashboard):
     with app.app_context():
         db.session.add(Secret(workspace_id=world.ws["staging"], name="CI_TOKEN", value="x"))
         db.session.commit()
@@ -78,7 +87,7 @@ def test_approve_live_with_isolation_and_history(app, live_server, world, open_d
     expect(carol).to_have_title("Countersign")
 
     response = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
+        server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
     )
     assert response.status_code == 202
     in_api = response.json()["approval_id"]
@@ -91,7 +100,7 @@ def test_approve_live_with_isolation_and_history(app, live_server, world, open_d
     # Dave (approver of staging only) gets the staging request, and never got the api one:
     # his socket delivers in order, so had the api row been sent it would have come first.
     in_staging = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["staging"], "CI_TOKEN"
+        server.url, world.tokens["agent"], world.ws["staging"], "CI_TOKEN"
     ).json()["approval_id"]
     expect(dave.locator(f"#approval-{in_staging}")).to_be_visible()
     expect(dave).to_have_title("(1) Countersign")
@@ -102,9 +111,7 @@ def test_approve_live_with_isolation_and_history(app, live_server, world, open_d
     row.get_by_role("button", name="Approve").click()
     expect(carol.locator(f"#approval-{in_api}")).to_have_count(0)
     expect(carol).to_have_title("Countersign")
-    retry = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
-    )
+    retry = agent_delete_secret(server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD")
     assert retry.status_code == 204
 
     carol.get_by_role("link", name="History").click()
@@ -114,10 +121,10 @@ def test_approve_live_with_isolation_and_history(app, live_server, world, open_d
     assert not any(f"approval-{in_api}" in frame for frame in dave.frames_received)
 
 
-def test_deny_with_reason_reaches_the_agent(app, live_server, world, open_dashboard):
+def test_deny_with_reason_reaches_the_agent(app, server, world, open_dashboard):
     carol = open_dashboard("carol", world.password)
     approval_id = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
+        server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
     ).json()["approval_id"]
     row = carol.locator(f"#approval-{approval_id}")
     expect(row).to_be_visible()
@@ -133,40 +140,36 @@ def test_deny_with_reason_reaches_the_agent(app, live_server, world, open_dashbo
     expect(carol).to_have_title("Countersign")
     expect(carol.locator("#notices")).to_contain_text(f"Denied request #{approval_id}")
 
-    retry = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
-    )
+    retry = agent_delete_secret(server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD")
     assert retry.status_code == 403
     assert retry.json()["reason"] == "change freeze until Monday"
 
 
-def test_detail_panel_follows_a_decision_made_elsewhere(app, live_server, world, open_dashboard):
+def test_detail_panel_follows_a_decision_made_elsewhere(app, server, world, open_dashboard):
     alice = open_dashboard("alice", world.password)
     approval_id = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
+        server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
     ).json()["approval_id"]
     alice.goto(f"/approvals/{approval_id}")
     expect(alice.locator("#live-status")).to_have_attribute("data-live", "live")
     panel = alice.locator(f"#approval-detail-{approval_id}")
     expect(panel.get_by_role("button", name="Approve")).to_be_visible()
-    decide_through_api(live_server.url, world, approval_id, "deny", "already handled")
+    decide_through_api(server.url, world, approval_id, "deny", "already handled")
     expect(panel).to_contain_text("already handled")
     expect(panel.get_by_role("button", name="Approve")).to_have_count(0)
 
 
-def test_refused_decision_shows_a_message_not_a_broken_page(
-    app, live_server, world, open_dashboard
-):
+def test_refused_decision_shows_a_message_not_a_broken_page(app, server, world, open_dashboard):
     alice = open_dashboard("alice", world.password)
     # This page hears nothing live, so it still offers the buttons after carol has decided.
     alice.route_web_socket(re.compile(r"/ws"), lambda ws: None)
     approval_id = agent_delete_secret(
-        live_server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
+        server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
     ).json()["approval_id"]
     alice.goto("/")
     row = alice.locator(f"#approval-{approval_id}")
     expect(row.get_by_role("button", name="Approve")).to_be_visible()
-    decide_through_api(live_server.url, world, approval_id, "deny", "carol was faster")
+    decide_through_api(server.url, world, approval_id, "deny", "carol was faster")
     row.get_by_role("button", name="Approve").click()
     expect(alice.locator("#notices")).to_contain_text(
         f"Request #{approval_id} is no longer pending: it is denied"
