@@ -248,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers": "2 gunicorn processes, 1 gthread worker each, clients split evenly",
         "threads_per_worker": threads,
         "rounds": args.rounds,
+        "machine": {"cores": os.cpu_count(), "loadavg_at_end": list(os.getloadavg())},
         "results": results,
     }
     if args.json_path:

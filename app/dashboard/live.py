@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from flask import current_app, render_template, request
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from .. import approvals, events
@@ -26,6 +27,7 @@ from ..models import ApprovalRequest, utcnow
 from . import bp
 from .access import current_caller
 from .rows import Entry, Snapshot, entry_for, pending_entries, snapshot
+from .views import detail_context
 
 log = logging.getLogger(__name__)
 
@@ -259,10 +261,6 @@ class Feed:
         return render_template("dashboard/_row_oob.html", entry=entry, oob=oob, now=now)
 
     def _detail(self, approval_id: int | None, now: datetime) -> str:
-        from sqlalchemy import select
-
-        from .views import detail_context
-
         found = db.session.execute(
             select(ApprovalRequest).where(
                 ApprovalRequest.id == approval_id, approvals.visible_to(self.caller)

@@ -50,10 +50,12 @@ def open_dashboard(browser: Browser, server) -> Iterator:
     """Log in through the form in a fresh context; wait for the socket's first resync."""
     contexts = []
 
-    def open_(username: str, password: str) -> Page:
+    def open_(username: str, password: str, on_socket=None) -> Page:
         context = browser.new_context(base_url=server.url)
         contexts.append(context)
         page = context.new_page()
+        if on_socket is not None:
+            page.route_web_socket(re.compile(r"/ws"), on_socket)
         page.on("dialog", lambda dialog: dialog.accept())  # hx-confirm on Approve
         frames: list[str] = []
         page.on(
@@ -187,3 +189,27 @@ def decide_through_api(base_url, world, approval_id, decision, reason):
         timeout=10,
     )
     assert response.status_code == 200, response.text
+
+
+def test_reconnect_resyncs_what_the_page_missed(app, server, world, open_dashboard):
+    sockets = []
+
+    def through(route):  # the page's sockets; only the first is relayed at once
+        sockets.append(route)
+        if len(sockets) == 1:
+            route.connect_to_server()
+
+    carol = open_dashboard("carol", world.password, on_socket=through)
+    status = carol.locator("#live-status")
+    # A blip: the socket drops as when the server restarts (1012); the ws extension reconnects.
+    sockets[0].close(code=1012, reason="restart")
+    expect(status).to_have_attribute("data-live", "open")  # the new socket, not yet relayed
+    assert len(sockets) == 2
+    approval_id = agent_delete_secret(
+        server.url, world.tokens["agent"], world.ws["api"], "DB_PASSWORD"
+    ).json()["approval_id"]  # happens while the page is not connected to the server
+    expect(carol.locator(f"#approval-{approval_id}")).to_have_count(0)
+    sockets[1].connect_to_server()  # the server is back: its opening resync brings the row
+    expect(status).to_have_attribute("data-live", "live")
+    expect(carol.locator(f"#approval-{approval_id}")).to_be_visible()
+    expect(carol).to_have_title("(1) Countersign")
