@@ -331,3 +331,53 @@ def test_error_pages_still_render(client):
     response = client.get("/no-such-page")
     assert response.status_code == 404
     assert "Not Found" in response.get_data(as_text=True)
+
+
+def set_terms(app, approval_id: int, **changes) -> None:
+    """Give one request stricter policy terms, as a policy file would have."""
+    from app.models import ApprovalRequest
+
+    with app.app_context():
+        request = db.session.get(ApprovalRequest, approval_id)
+        terms = dict(request.policy_terms or {})
+        for key, value in changes.items():
+            if key == "approvals_required":
+                request.approvals_required = value
+            terms[key] = value
+        request.policy_terms = terms
+        db.session.commit()
+
+
+def test_two_person_rule_counts_votes_and_refuses_a_second_vote(app, client, world, agent_request):
+    approval_id = agent_request()
+    set_terms(app, approval_id, approvals_required=2)
+    carol, alice = as_user(app, world, "carol"), as_user(app, world, "alice")
+    row = carol.get("/").get_data(as_text=True)
+    assert "0 of 2 approvals" in row
+    response = decide(carol, approval_id, "approve")
+    assert response.status_code == 200
+    assert "it needs more approvals" in response.get_data(as_text=True)
+    page = carol.get("/").get_data(as_text=True)
+    mine = page[page.index(f'id="approval-{approval_id}"') :].split("</article>")[0]
+    assert "1 of 2 approvals" in mine and "You approved. It needs 1 more." in mine
+    assert 'value="approve"' not in mine and 'value="deny"' in mine
+    again = decide(carol, approval_id, "approve")
+    assert again.status_code == 409
+    assert "already approved" in again.get_data(as_text=True)
+    assert decide(alice, approval_id, "approve").status_code == 200
+    retry = client.delete(
+        f"/api/workspaces/{world.ws['api']}/secrets/DB_PASSWORD", headers=world.auth("agent")
+    )
+    assert retry.status_code == 204
+
+
+def test_policy_reason_for_approvals_gets_a_reason_field(app, world, agent_request):
+    approval_id = agent_request()
+    set_terms(app, approval_id, reason_required=["approve", "deny"])
+    carol = as_user(app, world, "carol")
+    page = carol.get("/").get_data(as_text=True)
+    assert f'id="approve-reason-list-{approval_id}"' in page
+    response = decide(carol, approval_id, "approve")
+    assert response.status_code == 422
+    assert "needs a reason" in response.get_data(as_text=True)
+    assert decide(carol, approval_id, "approve", reason="rotated already").status_code == 200

@@ -242,3 +242,25 @@ def test_open_sockets_count_and_wait():
     leave.set()
     assert sockets.wait_closed(timeout=5) and sockets.count == 0
     thread.join(5)
+
+
+def test_a_vote_updates_the_row_in_place(app, world, ask, decide_api):
+    from app.models import ApprovalRequest
+
+    approval_id = ask()
+    with app.app_context():
+        db.session.get(ApprovalRequest, approval_id).approvals_required = 2
+        db.session.commit()
+    with app.test_request_context():
+        alice = Feed(caller("alice"), LiveView("pending"))
+        carol = Feed(caller("carol"), LiveView("pending"))
+        alice.resync(utcnow())
+        carol.resync(utcnow())
+        decide_api(approval_id, "carol", "approve")
+        change = last_change(approval_id)
+        assert change.kind == "voted"
+        to_alice = alice.apply([change], utcnow())
+        to_carol = carol.apply([change], utcnow())
+    assert f'id="approval-{approval_id}"' in to_alice and 'hx-swap-oob="true"' in to_alice
+    assert "1 of 2 approvals" in to_alice and 'value="approve"' in to_alice
+    assert "You approved" in to_carol and 'value="approve"' not in to_carol

@@ -16,7 +16,14 @@ from sqlalchemy import func, select
 from .. import approvals
 from ..auth import Caller
 from ..extensions import db
-from ..models import DECIDING_ROLES, ApprovalRequest, ApprovalScope, Membership
+from ..models import (
+    DECIDING_ROLES,
+    ApprovalRequest,
+    ApprovalScope,
+    ApprovalVote,
+    Membership,
+    VoteDecision,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,9 @@ class Snapshot:
     decided_level: int | None
     reason: str | None
     scopes: tuple[tuple[int, int], ...]  # (workspace_id, level): whose approvers may decide
+    approvals_required: int = 1  # distinct humans who must approve (the request's policy)
+    approvers: tuple[tuple[int | None, str], ...] = ()  # (user id, name) of approvals so far
+    approve_needs_reason: bool = False  # the policy wants a reason with an approval too
     # user id -> ((workspace_id, role), ...) for every role held on a scope workspace, read
     # with the row: who may see and decide it at that moment. Empty unless snapshot() loaded it.
     roles: Mapping[int, tuple[tuple[int, str], ...]] = field(default_factory=dict)
@@ -49,6 +59,7 @@ class Snapshot:
         scopes: dict[int, int],
         now: datetime,
         roles: Mapping[int, tuple[tuple[int, str], ...]] | None = None,
+        approvers: tuple[tuple[int | None, str], ...] = (),
     ) -> Snapshot:
         return cls(
             id=request.id,
@@ -66,12 +77,22 @@ class Snapshot:
             decided_level=request.decided_level,
             reason=request.reason,
             scopes=tuple(sorted(scopes.items())),
+            approvals_required=request.approvals_required or 1,
+            approvers=approvers,
+            approve_needs_reason=approvals.terms_of(request).needs_reason("approve"),
             roles=roles or {},
         )
 
     @property
     def is_pending(self) -> bool:
         return self.status == approvals.PENDING
+
+    @property
+    def needs_more_approvals(self) -> bool:
+        return self.approvals_required > 1
+
+    def approved_by(self, user_id: int | None) -> bool:
+        return any(voter == user_id for voter, _ in self.approvers)
 
     def ancestor_name(self, level: int) -> str | None:
         """The name of the workspace ``level`` steps above the request's (path is root-first)."""
@@ -88,10 +109,16 @@ class Entry:
     # The nearest level at which the user may decide (0: on the workspace itself, >0: on an
     # ancestor, i.e. by escalation); None when the user may only look.
     level: int | None
+    user_id: int | None = None
 
     @property
     def can_decide(self) -> bool:
         return self.level is not None and self.row.is_pending
+
+    @property
+    def can_approve(self) -> bool:
+        """Deciding, and not one of the approvals already counted (each person counts once)."""
+        return self.can_decide and not self.row.approved_by(self.user_id)
 
     @property
     def escalated_from(self) -> str | None:
@@ -113,7 +140,26 @@ def entry_for(caller: Caller, row: Snapshot) -> Entry | None:
     if not roles:
         return None
     deciding = [levels[ws] for ws, role in roles if role in DECIDING_ROLES and ws in levels]
-    return Entry(row, min(deciding) if deciding else None)
+    return Entry(row, min(deciding) if deciding else None, caller.user_id)
+
+
+def approvers_of(approval_ids: list[int]) -> dict[int, tuple[tuple[int | None, str], ...]]:
+    """approval id -> (user id, name) of each approval vote, oldest first, in one query."""
+    found: dict[int, list[tuple[int | None, str]]] = {
+        approval_id: [] for approval_id in approval_ids
+    }
+    if approval_ids:
+        rows = db.session.execute(
+            select(ApprovalVote.approval_id, ApprovalVote.user_id, ApprovalVote.username)
+            .where(
+                ApprovalVote.approval_id.in_(approval_ids),
+                ApprovalVote.decision == VoteDecision.APPROVE.value,
+            )
+            .order_by(ApprovalVote.id)
+        )
+        for approval_id, user_id, username in rows:
+            found[approval_id].append((user_id, username))
+    return {approval_id: tuple(votes) for approval_id, votes in found.items()}
 
 
 def scopes_of(approval_ids: list[int]) -> dict[int, dict[int, int]]:
@@ -144,7 +190,13 @@ def snapshot(approval_id: int, now: datetime) -> Snapshot | None:
         )
     ):
         roles.setdefault(user_id, []).append((workspace_id, role))
-    return Snapshot.of(request, scopes, now, {u: tuple(r) for u, r in roles.items()})
+    return Snapshot.of(
+        request,
+        scopes,
+        now,
+        {user_id: tuple(held) for user_id, held in roles.items()},
+        approvers_of([approval_id])[approval_id],
+    )
 
 
 def pending_entries(caller: Caller, now: datetime) -> list[Entry]:
@@ -162,6 +214,7 @@ def pending_entries(caller: Caller, now: datetime) -> list[Entry]:
 def entries_of(caller: Caller, requests: list[ApprovalRequest], now: datetime) -> list[Entry]:
     """Requests the caller may see (already filtered by visible_to) as entries, in order."""
     scopes = scopes_of([r.id for r in requests])
+    approvers = approvers_of([r.id for r in requests])
     deciding_on = set(
         db.session.execute(
             select(Membership.workspace_id).where(
@@ -173,9 +226,8 @@ def entries_of(caller: Caller, requests: list[ApprovalRequest], now: datetime) -
     for request in requests:
         levels = scopes[request.id]
         deciding = [level for ws, level in levels.items() if ws in deciding_on]
-        entries.append(
-            Entry(Snapshot.of(request, levels, now), min(deciding) if deciding else None)
-        )
+        row = Snapshot.of(request, levels, now, approvers=approvers[request.id])
+        entries.append(Entry(row, min(deciding) if deciding else None, caller.user_id))
     return entries
 
 

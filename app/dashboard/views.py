@@ -188,8 +188,11 @@ def decide(approval_id: int):
     except ApiError as error:
         db.session.rollback()
         return decision_problem(approval_id, error.status, problem_message(approval_id, error))
-    verb = "Approved" if decision == "approve" else "Denied"
-    message = f"{verb} request #{approval_id}: {decided.summary}"
+    if decided.status == approvals.PENDING:  # one vote of several
+        message = f"Your approval of request #{approval_id} is counted; it needs more approvals."
+    else:
+        verb = "Approved" if decision == "approve" else "Denied"
+        message = f"{verb} request #{approval_id}: {decided.summary}"
     if not is_htmx():
         flash(message, "success")
         return redirect(safe_next(request.form.get("next")) or url_for("dashboard.pending"), 303)
@@ -197,13 +200,20 @@ def decide(approval_id: int):
 
 
 def problem_message(approval_id: int, error: ApiError) -> str:
-    if error.status == 409:
+    """What the page says when approvals.decide() refuses, by the API's error code."""
+    if error.code == "not_pending":
         status = error.extra.get("status", "decided")
         return f"Request #{approval_id} is no longer pending: it is {status}. Nothing was changed."
+    if error.code == "already_voted":
+        return f"You already approved request #{approval_id}; it needs another person's approval."
+    if error.code == "requester_owner":
+        return f"You own the token that asked for #{approval_id}: someone else must approve it."
     if error.status == 403:
         return f"You have no right to decide request #{approval_id}. Nothing was changed."
     if error.status == 404:
         return f"Request #{approval_id} does not exist."
+    if error.code == "validation_error" and error.extra.get("field") == "reason":
+        return "The policy needs a reason for this decision. Nothing was changed."
     return error.message
 
 
