@@ -132,6 +132,7 @@ class Publisher:
         self.uses_notify = url.startswith("postgresql") and app.config["COUNTERSIGN_PG_NOTIFY"]
         self._dsn = url.replace("postgresql+psycopg://", "postgresql://", 1)
         self._listener: threading.Thread | None = None
+        self._start_lock = threading.Lock()
         self._listening = threading.Event()
         self._stop = threading.Event()
         if self.uses_notify:
@@ -162,11 +163,12 @@ class Publisher:
     # -- PostgreSQL listener ----------------------------------------------------------------------
 
     def _start_listener(self) -> None:
-        if self._listener is None:
-            self._listener = threading.Thread(
-                target=self._listen_forever, name="pg-listen", daemon=True
-            )
-            self._listener.start()
+        with self._start_lock:  # the first subscriber and start_listening() may race
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen_forever, name="pg-listen", daemon=True
+                )
+                self._listener.start()
 
     def start_listening(self, timeout: float = 10) -> bool:
         """Start the listener now (not on first subscriber) and wait until it is LISTENing."""
