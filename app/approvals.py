@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy import and_, false, func, literal_column, or_, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from . import audit, events, metrics, outbox
@@ -42,6 +42,12 @@ DENIED = ApprovalStatus.DENIED.value
 EXPIRED = ApprovalStatus.EXPIRED.value
 CONSUMED = ApprovalStatus.CONSUMED.value
 WITHDRAWN = ApprovalStatus.WITHDRAWN.value
+
+
+def status_is(status: str):
+    """``status = '<literal>'``: PostgreSQL's generic plans for prepared statements can match a
+    literal, not a bound parameter, to the partial indexes the gate's lookups rely on."""
+    return ApprovalRequest.status == literal_column(f"'{ApprovalStatus(status).value}'")
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ def consume(key: GateKey, caller: Caller, now: datetime) -> int | None:
         select(ApprovalRequest.id)
         .where(
             key.matches(),
-            ApprovalRequest.status == APPROVED,
+            status_is(APPROVED),
             ApprovalRequest.approval_expires_at > now,
         )
         .order_by(ApprovalRequest.id)
@@ -111,7 +117,7 @@ def consume(key: GateKey, caller: Caller, now: datetime) -> int | None:
 
 def find_pending(key: GateKey) -> ApprovalRequest | None:
     return db.session.execute(
-        select(ApprovalRequest).where(key.matches(), ApprovalRequest.status == PENDING)
+        select(ApprovalRequest).where(key.matches(), status_is(PENDING))
     ).scalar_one_or_none()
 
 
@@ -134,7 +140,7 @@ def find_recent_denial(key: GateKey, policy: ActionPolicy, now: datetime) -> App
         select(ApprovalRequest)
         .where(
             key.matches(),
-            ApprovalRequest.status == DENIED,
+            status_is(DENIED),
             ApprovalRequest.decided_at > now - policy.pending_ttl,
         )
         .order_by(ApprovalRequest.decided_at.desc())
@@ -207,7 +213,9 @@ def create_or_reuse_pending(
         .values(**values)
         .on_conflict_do_nothing(
             index_elements=["workspace_id", "action", "request_hash"],
-            index_where=ApprovalRequest.status == PENDING,
+            # A literal predicate: as a bound parameter, a prepared (generic) plan could not
+            # match it to the partial index and PostgreSQL would reject the ON CONFLICT.
+            index_where=text("status = 'pending'"),
         )
         .returning(ApprovalRequest.id)
     )

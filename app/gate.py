@@ -161,15 +161,19 @@ def _gate(
         if pending is None:
             denial = approvals.find_recent_denial(key, policy, now)
             if denial is not None:
-                db.session.commit()
-                _record(action, "denied", caller, subject, denial.id)
-                return error_response(
+                # Build the answer before committing: reading the row afterwards would cost a
+                # checkout and a reload.
+                refusal = error_response(
                     403,
                     "approval_denied",
                     "a human denied this request",
                     approval_id=denial.id,
                     reason=denial.reason,
                 )
+                denial_id = denial.id
+                db.session.commit()
+                _record(action, "denied", caller, subject, denial_id)
+                return refusal
             summary = policy.describe(
                 {"workspace_path": path_label(subject.chain), **subject.summary_fields}
             )
@@ -186,13 +190,14 @@ def _gate(
                 caller,
                 now,
             )
+        accepted, pending_id = _accepted(pending), pending.id  # before the commit expires it
         db.session.commit()
     except ApiError:
         raise
     except Exception as error:  # database down, bad policy template, ...: fail closed
         return _fail_closed(action, "pending", caller, subject, error)
-    _record(action, "pending", caller, subject, pending.id)
-    return _accepted(pending)
+    _record(action, "pending", caller, subject, pending_id)
+    return accepted
 
 
 def _idempotency_key() -> str | None:

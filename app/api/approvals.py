@@ -140,14 +140,14 @@ def decide_approval(approval_id: int):
     body = parse_body(Decision)
     if body.decision == "deny" and not body.reason:
         raise ApiError(422, "validation_error", "reason: a denial needs a reason", field="reason")
-    decided = approvals.decide(approval_id, g.caller, body.decision, body.reason)
-    db.session.commit()
-    return approvals.to_json(decided)
+    decided = approvals.to_json(approvals.decide(approval_id, g.caller, body.decision, body.reason))
+    db.session.commit()  # after serialising: reading the row back would cost another round trip
+    return decided
 
 
 @bp.post("/approvals/<id:approval_id>/withdraw")
 def withdraw_approval(approval_id: int):
     """The requesting caller takes back its own pending request."""
-    withdrawn = approvals.withdraw(approval_id, g.caller)
+    withdrawn = approvals.to_json(approvals.withdraw(approval_id, g.caller))
     db.session.commit()
-    return approvals.to_json(withdrawn)
+    return withdrawn
