@@ -152,6 +152,19 @@ def enqueue(approval_id: int, event_id: int, kind: str, now: datetime) -> None:
 # ---- signing -----------------------------------------------------------------------------------
 
 
+def attempts_by_message(message_ids: list[int]) -> dict[int, list[OutboxAttempt]]:
+    """The delivery log of some messages, in one query: message id -> attempts, oldest first."""
+    attempts: dict[int, list[OutboxAttempt]] = {}
+    if message_ids:
+        for attempt in db.session.execute(
+            select(OutboxAttempt)
+            .where(OutboxAttempt.message_id.in_(message_ids))
+            .order_by(OutboxAttempt.id)
+        ).scalars():
+            attempts.setdefault(attempt.message_id, []).append(attempt)
+    return attempts
+
+
 def sign(secret: str, timestamp: int, body: bytes) -> str:
     """The signature header value for ``body`` sent at ``timestamp``."""
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)

@@ -121,14 +121,7 @@ def list_deliveries(workspace_id: int, webhook_id: int):
     if not limit.isdigit() or not 1 <= int(limit) <= 500:
         raise ApiError(400, "bad_request", "limit must be an integer from 1 to 500", field="limit")
     rows = db.session.execute(query.order_by(OutboxMessage.id.desc()).limit(int(limit))).all()
-    attempts: dict[int, list[OutboxAttempt]] = {}
-    if rows:
-        for attempt in db.session.execute(
-            select(OutboxAttempt)
-            .where(OutboxAttempt.message_id.in_([message.id for message, _, _ in rows]))
-            .order_by(OutboxAttempt.id)
-        ).scalars():
-            attempts.setdefault(attempt.message_id, []).append(attempt)
+    attempts = outbox.attempts_by_message([message.id for message, _, _ in rows])
     return {
         "deliveries": [
             delivery_json(message, kind, approval_id, attempts.get(message.id, []))

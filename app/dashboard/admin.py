@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from flask import abort, g
 from sqlalchemy import func, select
 
-from .. import approvals, audit
+from .. import approvals, audit, outbox
 from ..auth import Access, access_on_chain, ancestor_chain, path_label, subtree_ids
 from ..extensions import db
 from ..models import (
@@ -98,14 +98,7 @@ def deliveries_of(webhook_id: int) -> list[Delivery]:
         .order_by(OutboxMessage.id.desc())
         .limit(DELIVERIES_PER_WEBHOOK)
     ).all()
-    attempts: dict[int, list[OutboxAttempt]] = {}
-    if rows:
-        for attempt in db.session.execute(
-            select(OutboxAttempt)
-            .where(OutboxAttempt.message_id.in_([message.id for message, _, _ in rows]))
-            .order_by(OutboxAttempt.id)
-        ).scalars():
-            attempts.setdefault(attempt.message_id, []).append(attempt)
+    attempts = outbox.attempts_by_message([message.id for message, _, _ in rows])
     return [
         Delivery(message, kind, approval_id, attempts.get(message.id, []))
         for message, kind, approval_id in rows
