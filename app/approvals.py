@@ -84,12 +84,11 @@ def record_event(
 # ---- the gate's statements ---------------------------------------------------------------------
 
 
-def consume(key: GateKey, caller: Caller, now: datetime) -> int | None:
-    """Atomically mark one usable approval for ``key`` consumed; return its id, or None.
+def _consume_statement(key: GateKey, now: datetime):
+    """UPDATE one usable approval for ``key`` to consumed, RETURNING its id.
 
-    One statement. On PostgreSQL the candidate row is locked with FOR UPDATE SKIP LOCKED, so
-    concurrent retries never wait on, nor both take, the same approval. The caller's
-    transaction must also carry the operation: a rollback leaves the approval usable.
+    On PostgreSQL the candidate row is locked with FOR UPDATE SKIP LOCKED, so concurrent
+    retries never wait on, nor both take, the same approval.
     """
     candidate = (
         select(ApprovalRequest.id)
@@ -103,16 +102,41 @@ def consume(key: GateKey, caller: Caller, now: datetime) -> int | None:
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    approval_id = db.session.execute(
-        update(ApprovalRequest)
-        .where(ApprovalRequest.id == candidate, ApprovalRequest.status == APPROVED)
+    table = ApprovalRequest.__table__
+    return (
+        update(table)
+        .where(table.c.id == candidate, table.c.status == APPROVED)
         .values(status=CONSUMED, consumed_at=now)
-        .returning(ApprovalRequest.id)
-        .execution_options(synchronize_session=False)
-    ).scalar_one_or_none()
+        .returning(table.c.id)
+    )
+
+
+def consume_or_find_pending(
+    key: GateKey, caller: Caller, now: datetime
+) -> tuple[int | None, ApprovalRequest | None]:
+    """Consume a usable approval for ``key``, or else find its pending request.
+
+    Returns (consumed id, None) or (None, the pending row or None). On PostgreSQL this is one
+    statement: the consuming UPDATE runs in a CTE beside the pending lookup, so an agent polling
+    a pending request costs one round trip beyond authentication. The caller's transaction
+    must also carry the operation: a rollback leaves the approval usable.
+    """
+    if db.session.get_bind().dialect.name != "postgresql":
+        approval_id = db.session.execute(_consume_statement(key, now)).scalar_one_or_none()
+        pending = None if approval_id is not None else find_pending(key)
+    else:
+        consumed = _consume_statement(key, now).cte("consumed")
+        anchor = select(literal_column("1").label("one")).subquery("anchor")
+        row = db.session.execute(
+            select(select(consumed.c.id).scalar_subquery().label("consumed_id"), ApprovalRequest)
+            .select_from(anchor)
+            .outerjoin(ApprovalRequest, and_(key.matches(), status_is(PENDING)))
+        ).one()
+        approval_id, pending = row.consumed_id, row.ApprovalRequest
     if approval_id is not None:
         record_event(approval_id, "consumed", caller.label)
-    return approval_id
+        return approval_id, None
+    return None, pending
 
 
 def find_pending(key: GateKey) -> ApprovalRequest | None:

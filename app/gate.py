@@ -138,7 +138,7 @@ def _gate(
                     "idempotency_key_reused",
                     "this Idempotency-Key was already used for a different request",
                 )
-        consumed_id = approvals.consume(key, caller, now)
+        consumed_id, pending = approvals.consume_or_find_pending(key, caller, now)
     except ApiError:
         raise
     except Exception as error:  # whatever went wrong, the operation must not run
@@ -155,7 +155,6 @@ def _gate(
         return response
 
     try:
-        pending = approvals.find_pending(key)
         if pending is not None and approvals.expire_if_due(pending, now):
             pending = None
         if pending is None:

@@ -239,7 +239,9 @@ def explain(url: str, world: World) -> dict[str, Any]:
                 "dedup_insert (pending row present: ON CONFLICT DO NOTHING)": (
                     r"^INSERT INTO approval_requests"
                 ),
-                "find_pending": r"^SELECT approval_requests\..*status = ",
+                # One statement: the consuming UPDATE (a miss here) in a CTE beside the
+                # pending lookup.
+                "consume_or_find_pending (no approved row: the miss)": r"^WITH consumed AS",
                 "find_recent_denial": r"decided_at >",
             },
         )
@@ -253,9 +255,7 @@ def explain(url: str, world: World) -> dict[str, Any]:
             url,
             captured,
             {
-                "consume_update (approved row present: the hit)": (
-                    r"^UPDATE approval_requests SET status"
-                ),
+                "consume_or_find_pending (approved row present: the hit)": (r"^WITH consumed AS"),
             },
         )
     return plans

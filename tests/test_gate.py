@@ -699,7 +699,7 @@ def test_connection_lost_at_consume_fails_closed(app, client, world, connection_
     approval_id = pending_id(client.delete(url, headers=world.auth("agent")))
     approve(client, world, approval_id)
 
-    connection_killer("UPDATE approval_requests SET status")
+    connection_killer("WITH consumed AS")  # the consuming statement
     response = client.delete(url, headers=world.auth("agent"))
     assert response.status_code == 503
     assert response.get_json()["error"] == "gate_unavailable"

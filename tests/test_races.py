@@ -47,7 +47,7 @@ class Reply:
     body: Any
 
 
-CONSUME = "UPDATE approval_requests SET status"
+CONSUME = "WITH consumed AS"  # the consume UPDATE (and pending lookup), one statement
 INSERT_PENDING = "INSERT INTO approval_requests"
 LOCK_FOR_DECISION = "SELECT approval_requests"
 
@@ -69,10 +69,12 @@ def all_at_once(
     replies: list[Reply | None] = [None] * count
     errors: list[BaseException] = []
     met = threading.local()
+    arrivals: list[int] = []
 
     def rendezvous(conn, cursor, statement, parameters, context, executemany):
         if meet_at and statement.lstrip().startswith(meet_at) and not getattr(met, "done", False):
             met.done = True
+            arrivals.append(1)
             meeting.wait(timeout=60)
 
     def run(index: int) -> None:
@@ -98,6 +100,8 @@ def all_at_once(
     finally:
         event.remove(engine, "before_cursor_execute", rendezvous)
     assert not any(thread.is_alive() for thread in threads), "a caller hung"
+    if meet_at:  # the forced interleaving really happened (the statement text still matches)
+        assert len(arrivals) == count, f"{len(arrivals)} of {count} threads reached {meet_at!r}"
     assert errors == []
     assert all(reply is not None for reply in replies)
     return replies  # type: ignore[return-value]
