@@ -167,7 +167,7 @@ OPERATIONS: list[Operation] = [
                 "name": "wait",
                 "in": "query",
                 "schema": {"type": "number", "minimum": 0, "maximum": 60},
-                "description": "Seconds to wait for a decision (capped at 60).",
+                "description": "Seconds to wait for a change (decision, vote, escalation); cap 60.",
             }
         ],
     ),

@@ -85,7 +85,8 @@ def _wait_seconds() -> float:
 def _wait_while_pending(
     approval_id: int, found: ApprovalRequest, seconds: float
 ) -> ApprovalRequest:
-    """Block until the request leaves pending (or the wait ends), holding no database connection.
+    """Block until the request changes (decided, or a vote or escalation recorded) or the wait
+    ends, holding no database connection; the caller polls again while it is still pending.
 
     Woken by the same change events that drive the dashboard (LISTEN/NOTIFY on PostgreSQL), so
     waiting costs a thread, not a pooled connection and not a polling loop.
@@ -105,7 +106,9 @@ def _wait_while_pending(
             change = subscription.get(timeout=remaining)
             if change is None:
                 break
-            if change.approval_id in (approval_id, events.RESYNC.approval_id):
+            if change.approval_id == approval_id:
+                break  # it changed: answer now (progress such as "1 of 2" reaches the agent)
+            if change == events.RESYNC:  # the listener reconnected: we may have missed one
                 found = _visible_approval(approval_id)
         return _visible_approval(approval_id)
 
