@@ -414,27 +414,36 @@ def withdraw(approval_id: int, caller: Caller) -> ApprovalRequest:
     return request
 
 
-def expire_due(now: datetime | None = None, limit: int = 500) -> int:
-    """Expire pending requests past their deadline, one event each. Safe with several workers."""
-    now = now or utcnow()
+def _expire_where(status: str, deadline, limit: int, detail: dict[str, Any]) -> int:
+    """Move rows in ``status`` past ``deadline`` to expired, one event each.
+
+    Rows are claimed with FOR UPDATE SKIP LOCKED and the UPDATE re-checks the status, so
+    several workers at once never expire one request twice.
+    """
     due = (
         select(ApprovalRequest.id)
-        .where(ApprovalRequest.status == PENDING, ApprovalRequest.expires_at <= now)
+        .where(ApprovalRequest.status == status, deadline)
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
     ids = list(
         db.session.execute(
             update(ApprovalRequest)
-            .where(ApprovalRequest.id.in_(due.scalar_subquery()), ApprovalRequest.status == PENDING)
+            .where(ApprovalRequest.id.in_(due.scalar_subquery()), ApprovalRequest.status == status)
             .values(status=EXPIRED)
             .returning(ApprovalRequest.id)
             .execution_options(synchronize_session=False)
         ).scalars()
     )
     for approval_id in ids:
-        record_event(approval_id, "expired", "system")
+        record_event(approval_id, "expired", "system", detail)
     return len(ids)
+
+
+def expire_due(now: datetime | None = None, limit: int = 500) -> int:
+    """Expire pending requests past their deadline, one event each. Safe with several workers."""
+    now = now or utcnow()
+    return _expire_where(PENDING, ApprovalRequest.expires_at <= now, limit, {})
 
 
 def expire_stale_approvals(now: datetime | None = None, limit: int = 500) -> int:
@@ -444,27 +453,9 @@ def expire_stale_approvals(now: datetime | None = None, limit: int = 500) -> int
     stored state and the event log say so. Safe with several workers, like expire_due.
     """
     now = now or utcnow()
-    stale = (
-        select(ApprovalRequest.id)
-        .where(ApprovalRequest.status == APPROVED, ApprovalRequest.approval_expires_at <= now)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
+    return _expire_where(
+        APPROVED, ApprovalRequest.approval_expires_at <= now, limit, {"stage": "approved"}
     )
-    ids = list(
-        db.session.execute(
-            update(ApprovalRequest)
-            .where(
-                ApprovalRequest.id.in_(stale.scalar_subquery()),
-                ApprovalRequest.status == APPROVED,
-            )
-            .values(status=EXPIRED)
-            .returning(ApprovalRequest.id)
-            .execution_options(synchronize_session=False)
-        ).scalars()
-    )
-    for approval_id in ids:
-        record_event(approval_id, "expired", "system", {"stage": "approved"})
-    return len(ids)
 
 
 def escalate_due(now: datetime | None = None, limit: int = 100) -> int:
