@@ -80,21 +80,12 @@ class _StateCollector:
 
 
 def _outbox_backlog():
-    """Undelivered notifications, when the outbox exists."""
-    try:
-        from .models import OutboxMessage  # type: ignore[attr-defined]
-    except ImportError:
-        return []
+    """Notifications still owed (dead letters are not backlog: nobody will retry them)."""
+    from .models import OutboxMessage, OutboxStatus
+
     backlog = GaugeMetricFamily("countersign_outbox_backlog", "Notifications not yet delivered")
-    backlog.add_metric(
-        [],
-        db.session.scalar(
-            select(func.count())
-            .select_from(OutboxMessage)
-            .where(OutboxMessage.delivered_at.is_(None))
-        )
-        or 0,
-    )
+    owed = select(func.count()).where(OutboxMessage.status == OutboxStatus.PENDING.value)
+    backlog.add_metric([], db.session.scalar(owed) or 0)
     return [backlog]
 
 

@@ -18,15 +18,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 DEMO_PASSWORD = "countersign-demo"  # noqa: S105  (seed-demo's documented default)
 
 
@@ -85,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     from playwright.sync_api import expect, sync_playwright
     from werkzeug.serving import make_server
 
+    from tests.e2e.support import CHROMIUM, CHROMIUM_ARGS
+
     with tempfile.TemporaryDirectory() as tmp:
         app, token = build_app(Path(tmp))
         asked = ask_for_deletes(app, token)
@@ -95,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(
-                    executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+                    executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
                 )
                 context = browser.new_context(
                     base_url=base_url, viewport={"width": 1280, "height": 860}

@@ -199,6 +199,16 @@ def world(app: Flask) -> World:
     return seed_world(app)
 
 
+@pytest.fixture
+def policy_apps(app: Flask, tmp_path):
+    """Builds apps on the test database under a policy file; disposes them at teardown."""
+    from depth_support import PolicyApps  # imports this module: import it late
+
+    apps = PolicyApps(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path)
+    yield apps
+    apps.close()
+
+
 class LiveServer:
     """The app served over real HTTP by werkzeug's threaded server, in a background thread."""
 

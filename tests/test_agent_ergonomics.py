@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import LiveServer
-from depth_support import PolicyApps
 
 from countersign_client import CountersignClient
 
@@ -56,13 +54,11 @@ approvals_required = 2
 
 
 @pytest.fixture
-def two_of_n_server(app, world, tmp_path: Path) -> Iterator[LiveServer]:
-    apps = PolicyApps(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path)
-    tuned = apps.build(TWO_OF_N)
+def two_of_n_server(world, policy_apps) -> Iterator[LiveServer]:
+    tuned = policy_apps.build(TWO_OF_N)
     with LiveServer(tuned) as server:
         server.app = tuned
         yield server
-    apps.close()
 
 
 def test_the_client_reports_progress_on_a_two_of_n_request(two_of_n_server, world):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 from conftest import World
@@ -37,13 +36,6 @@ escalate_after = "2s"
 [actions."workspace.delete"]
 escalate_after = "2s"
 """
-
-
-@pytest.fixture
-def policy_apps(app, tmp_path: Path) -> Iterator[PolicyApps]:
-    apps = PolicyApps(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path)
-    yield apps
-    apps.close()
 
 
 @pytest.fixture

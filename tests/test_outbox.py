@@ -7,12 +7,10 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from datetime import timedelta
-from pathlib import Path
 
 import pytest
 from conftest import World
 from depth_support import (
-    PolicyApps,
     Receiver,
     add_secrets,
     decide,
@@ -29,13 +27,6 @@ from app import outbox, worker
 from app.extensions import db
 from app.models import ApprovalRequest, OutboxAttempt, OutboxMessage, utcnow
 from app.policy import POLICY, ActionPolicy
-
-
-@pytest.fixture
-def policy_apps(app, tmp_path: Path) -> Iterator[PolicyApps]:
-    apps = PolicyApps(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path)
-    yield apps
-    apps.close()
 
 
 @pytest.fixture

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from conftest import World
@@ -30,13 +28,6 @@ TWO_OF_THREE = """
 approvals_required = 2
 forbid_requester_owner = true
 """
-
-
-@pytest.fixture
-def policy_apps(app, tmp_path: Path) -> Iterator[PolicyApps]:
-    apps = PolicyApps(app.config["SQLALCHEMY_DATABASE_URI"], tmp_path)
-    yield apps
-    apps.close()
 
 
 @pytest.fixture

@@ -71,15 +71,15 @@ def put_member(workspace_id: int, username: str):
 def describe_member_remove(workspace_id: int, username: str) -> GateSubject:
     chain = require_workspace(g.caller, workspace_id, Access.MANAGE)
     user = find_user(username)
-    membership = find_membership(workspace_id, user.id)
-    if membership is None:
+    g.membership = find_membership(workspace_id, user.id)  # the view deletes this row
+    if g.membership is None:
         raise ApiError(
             404, "not_found", f"{username!r} is not a member of workspace {workspace_id}"
         )
     return GateSubject(
         chain=chain,
         target={"user_id": user.id, "username": username},
-        summary_fields={"username": username, "role": membership.role},
+        summary_fields={"username": username, "role": g.membership.role},
     )
 
 
@@ -87,11 +87,6 @@ def describe_member_remove(workspace_id: int, username: str) -> GateSubject:
 @gate_destructive("member.remove", describe=describe_member_remove)
 def remove_member(workspace_id: int, username: str):
     """Remove a member from the workspace."""
-    membership = find_membership(workspace_id, find_user(username).id)
-    if membership is None:
-        raise ApiError(
-            404, "not_found", f"{username!r} is not a member of workspace {workspace_id}"
-        )
-    db.session.delete(membership)
+    db.session.delete(g.membership)  # loaded by describe_member_remove, in this transaction
     db.session.commit()
     return "", 204

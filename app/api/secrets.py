@@ -88,7 +88,8 @@ def put_secret(workspace_id: int, name: str):
 def describe_secret_delete(workspace_id: int, name: str) -> GateSubject:
     check_name(name)
     chain = require_workspace(g.caller, workspace_id, Access.MANAGE)
-    if find_secret(workspace_id, name) is None:
+    g.secret = find_secret(workspace_id, name)  # the view deletes this row; no second lookup
+    if g.secret is None:
         raise ApiError(404, "not_found", f"secret {name!r} not found")
     return GateSubject(chain=chain, target={"secret": name}, summary_fields={"secret_name": name})
 
@@ -97,9 +98,6 @@ def describe_secret_delete(workspace_id: int, name: str) -> GateSubject:
 @gate_destructive("secret.delete", describe=describe_secret_delete)
 def delete_secret(workspace_id: int, name: str):
     """Delete a secret."""
-    secret = find_secret(workspace_id, name)
-    if secret is None:  # deleted by someone else since the approval
-        raise ApiError(404, "not_found", f"secret {name!r} not found")
-    db.session.delete(secret)
+    db.session.delete(g.secret)  # loaded by describe_secret_delete, in this transaction
     db.session.commit()
     return "", 204

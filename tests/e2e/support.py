@@ -10,6 +10,17 @@ import requests
 from simple_websocket import Client
 from simple_websocket.errors import ConnectionError as WsRefused  # noqa: F401  (re-exported)
 
+CHROMIUM = "/usr/bin/chromium"  # Debian's package; Playwright never downloads a browser here
+# Headless as root, on a machine whose network reaches nothing but the package registries.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 APPROVAL_ID = re.compile(r'id="approval-(\d+)"')
 

@@ -12,26 +12,16 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from app.dashboard.live import open_sockets
 from app.extensions import db
 from app.models import Secret
-from tests.e2e.support import agent_delete_secret
+from tests.e2e.support import CHROMIUM, CHROMIUM_ARGS, agent_delete_secret
 
 pytestmark = pytest.mark.e2e
-
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
         )
         yield browser
         browser.close()
