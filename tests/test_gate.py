@@ -359,13 +359,16 @@ class Injected:
 
 @pytest.fixture
 def failing_secret_delete(app: Flask) -> Iterator[Injected]:
-    """The ORM flush of a secret delete raises, inside the view's transaction."""
+    """The app raises as it deletes a secret, inside the view's transaction (after the consume)."""
 
-    def refuse(mapper, connection, target):
-        raise RuntimeError("injected failure while deleting a secret")
+    def refuse(conn, cursor, statement, parameters, context, executemany):
+        if statement.lstrip().startswith("DELETE FROM secrets"):
+            raise RuntimeError("injected failure while deleting a secret")
 
-    event.listen(Secret, "before_delete", refuse)
-    injected = Injected(lambda: event.remove(Secret, "before_delete", refuse))
+    with app.app_context():
+        engine = db.engine
+    event.listen(engine, "before_cursor_execute", refuse)
+    injected = Injected(lambda: event.remove(engine, "before_cursor_execute", refuse))
     yield injected
     injected.lift()
 
@@ -403,7 +406,7 @@ def failing_workspace_delete(app: Flask) -> Iterator[Injected]:
     injected.lift()
 
 
-def test_failed_orm_flush_after_consume_leaves_the_approval_usable(
+def test_an_exception_after_consume_leaves_the_approval_usable(
     app, client, world, failing_secret_delete
 ):
     url = secret_url(world)

@@ -178,6 +178,40 @@ def test_concurrent_retries_consume_one_approval_once(app, client, world, action
     assert approval_id not in new_ids
 
 
+def test_two_approvals_for_one_secret_delete_it_once_and_the_late_one_stays_usable(
+    app, client, world
+):
+    """Two agents, each approved for the same secret, retry at once: both described it and both
+    consume. The second DELETE finds the row gone: 404, rolled back, its approval not spent."""
+    url = f"/api/workspaces/{world.ws['api']}/secrets/DB_PASSWORD"
+    agents = ["agent", "agent_y"]
+    ids = {}
+    for agent in agents:
+        first = client.delete(url, headers=world.auth(agent))
+        assert first.status_code == 202
+        ids[agent] = first.get_json()["approval_id"]
+        decided = client.post(
+            f"/api/approvals/{ids[agent]}/decision",
+            json={"decision": "approve"},
+            headers=world.auth("alice"),
+        )
+        assert decided.status_code == 200
+
+    replies = all_at_once(
+        app, 2, lambda c, i: c.delete(url, headers=world.auth(agents[i])), meet_at=CONSUME
+    )
+
+    assert sorted(reply.status for reply in replies) == [204, 404], replies
+    late = agents[[reply.status for reply in replies].index(404)]
+    statuses = {
+        agent: scalar(app, select(ApprovalRequest.status).where(ApprovalRequest.id == ids[agent]))
+        for agent in agents
+    }
+    assert statuses[late] == "approved", statuses
+    assert sorted(statuses.values()) == ["approved", "consumed"], statuses
+    assert count_rows(app, Secret, Secret.name == "DB_PASSWORD") == 0
+
+
 @pytest.mark.parametrize("meet_at", [None, INSERT_PENDING], ids=["released", "met-at-insert"])
 def test_concurrent_first_calls_share_one_pending_request(app, world, meet_at):
     url = f"/api/workspaces/{world.ws['api']}"

@@ -6,9 +6,11 @@ from typing import TypeVar
 
 from flask import Blueprint, g, request
 from pydantic import BaseModel, ValidationError
+from sqlalchemy import delete
 
 from ..auth import caller_from_bearer
 from ..errors import ApiError
+from ..extensions import db
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 
@@ -56,6 +58,17 @@ def query_flag(name: str) -> bool:
     if raw in ("false", "0", ""):
         return False
     raise ApiError(400, "bad_request", f"{name} must be true or false", field=name)
+
+
+def delete_described(row: db.Model, what: str) -> None:
+    """Delete the row a gate's describe step loaded, in one statement; 404 if it is gone.
+
+    A concurrent request (another approved caller) may have deleted it since: the 404 makes the
+    gate roll back, so an approval consumed for this request is not spent on nothing.
+    """
+    table = type(row).__table__
+    if db.session.execute(delete(table).where(table.c.id == row.id)).rowcount != 1:
+        raise ApiError(404, "not_found", f"{what} not found")
 
 
 from . import approvals, members, secrets, tokens, webhooks, workspaces  # noqa: E402, F401  (routes)

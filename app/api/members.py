@@ -12,7 +12,7 @@ from ..errors import ApiError
 from ..extensions import db
 from ..gate import GateSubject, gate_destructive
 from ..models import Membership, User
-from . import bp, parse_body
+from . import bp, delete_described, parse_body
 from .schemas import MemberPut
 
 
@@ -87,6 +87,6 @@ def describe_member_remove(workspace_id: int, username: str) -> GateSubject:
 @gate_destructive("member.remove", describe=describe_member_remove)
 def remove_member(workspace_id: int, username: str):
     """Remove a member from the workspace."""
-    db.session.delete(g.membership)  # loaded by describe_member_remove, in this transaction
+    delete_described(g.membership, f"{username!r} as a member of workspace {workspace_id}")
     db.session.commit()
     return "", 204

@@ -13,7 +13,7 @@ from ..errors import ApiError
 from ..extensions import db
 from ..gate import GateSubject, gate_destructive, seal
 from ..models import Secret, utcnow
-from . import bp, parse_body
+from . import bp, delete_described, parse_body
 from .schemas import SecretPut
 
 SECRET_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")
@@ -98,6 +98,6 @@ def describe_secret_delete(workspace_id: int, name: str) -> GateSubject:
 @gate_destructive("secret.delete", describe=describe_secret_delete)
 def delete_secret(workspace_id: int, name: str):
     """Delete a secret."""
-    db.session.delete(g.secret)  # loaded by describe_secret_delete, in this transaction
+    delete_described(g.secret, f"secret {name!r}")
     db.session.commit()
     return "", 204
